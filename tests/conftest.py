@@ -1,0 +1,33 @@
+"""Test-wide settings, applied before any test module is imported.
+
+TRITON_INTERPRET must be set before a @triton.jit function is decorated, so it is set here, first,
+whenever no GPU is present (CI and the development machines have none)."""
+import os
+
+try:
+    import torch
+    _has_gpu = torch.cuda.is_available()
+except Exception:  # pragma: no cover - torch is a hard requirement
+    _has_gpu = False
+if not _has_gpu:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hypothesis import HealthCheck, Phase, settings
+
+# CI profile: derandomised (same examples every run), no deadline (the interpreter is slow), and no
+# shrink phase, so that a failure reports in seconds rather than minutes.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, print_blob=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
