@@ -1,0 +1,16 @@
+"""Fused Triton kernels for nanoprompt; each file holds kernel(s), autograd wrapper and PyTorch reference.
+
+HAS_TRITON is False when triton is missing: the names still import, the kernel entry points then
+raise, and the references (plain PyTorch) work everywhere. kernel_available(device) says whether the
+kernels can run on a device (CUDA, or CPU when TRITON_INTERPRET=1 was set before this import).
+"""
+from .kl_ce import (HAS_TRITON, INTERPRETED, KLCELoss, KLCEStats, fused_kl_ce, kernel_available,
+                    kl_ce_reference, promptsrc_logit_loss, promptsrc_logit_loss_reference, proreg_loss,
+                    proreg_loss_reference)
+from .gpa import (GaussianPromptAverage, gpa_sum_reference, gpa_update_, gpa_update_reference,
+                  gpa_weights)
+
+__all__ = ["HAS_TRITON", "INTERPRETED", "KLCELoss", "KLCEStats", "fused_kl_ce", "kernel_available",
+           "kl_ce_reference", "promptsrc_logit_loss", "promptsrc_logit_loss_reference", "proreg_loss",
+           "proreg_loss_reference", "GaussianPromptAverage", "gpa_sum_reference", "gpa_update_",
+           "gpa_update_reference", "gpa_weights"]
