@@ -35,3 +35,828 @@ API CONTRACT (used by the method files; keep these names and meanings):
   harmonic_mean(base, new); atomic_save(obj, path); atomic_write_text(text, path);
   append_result(path, record)
 """
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ==================================================================================================
+# 1. Small utilities
+# ==================================================================================================
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices), as Dassl's set_random_seed does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """HM = 2BN / (B + N), the base-to-new summary number (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def _atomic_write(path, write: Callable) -> None:
+    # Temp file in the same directory, then os.replace: a reader never sees a half-written file,
+    # and a crash leaves the old file intact.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save(obj, path), atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path) -> None:
+    """Write `text` (UTF-8) to `path`, atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ==================================================================================================
+# 2. Backbones
+# ==================================================================================================
+
+WORLD_PREFIX = "shapes"  # dataset names of the built-in offline world start with this
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module      # open_clip CLIP, eval mode, every parameter frozen
+    tokenize: Callable          # list[str] -> LongTensor [n, context_length] (the model's own)
+    name: str
+    pretrained: Optional[str]
+    image_size: int
+    mean: tuple
+    std: tuple
+    template: Optional[str] = None  # a backbone-specific prompt template (the world's tiny CLIP)
+
+
+def default_backbone(dataset: str) -> tuple:
+    """(model, pretrained) the papers use for `dataset`: ViT-B/16 with OpenAI weights."""
+    return ("tiny", "shapes") if dataset.startswith(WORLD_PREFIX) else ("ViT-B-16", "openai")
+
+
+def _text_tower_problem(cfg: dict) -> Optional[str]:
+    """Why a model config's text tower is not the CLIP transformer the method files drive by hand
+    (token_embedding -> transformer with causal mask -> ln_final -> EOT = argmax pooling), or None."""
+    text = cfg.get("text_cfg", {})
+    if cfg.get("custom_text") or "hf_model_name" in text:
+        return "its text tower is not open_clip's built-in CLIP text transformer"
+    if "hf_tokenizer_name" in text:
+        return "it uses a different tokenizer (the end-of-text token is not the argmax)"
+    if text.get("no_causal_mask") or text.get("pool_type", "argmax") != "argmax":
+        return "its text transformer has no causal mask or does not pool at the end-of-text token"
+    return None
+
+
+def _open_clip_kwargs(model: str, pretrained: Optional[str]) -> dict:
+    """Extra create_model arguments. OpenAI weights were trained with QuickGELU, but open_clip 3.3
+    builds 'ViT-B-16' with nn.GELU and only warns; the wrong activation lowers zero-shot accuracy.
+    The tag's own config says which activation its weights need."""
+    if pretrained is None:
+        return {}
+    import open_clip
+
+    quick = pretrained == "openai" or open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False)
+    return {"force_quick_gelu": True} if quick else {}
+
+
+def load_backbone(model: str, pretrained: Optional[str], device="cpu") -> Backbone:
+    """Any open_clip model with the CLIP text transformer, with any pretrained tag open_clip knows.
+    pretrained=None gives random weights (tests, offline). 'tiny' is the offline world's CLIP."""
+    if model == "tiny":
+        return _load_tiny(pretrained, device)
+    import open_clip
+
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown model {model!r}. open_clip knows: {', '.join(open_clip.list_models())}"
+                         " (and 'tiny', the offline world's CLIP)")
+    problem = _text_tower_problem(open_clip.get_model_config(model))
+    if problem:
+        raise ValueError(f"model {model!r} is not supported: {problem}. Use a CLIP model such as "
+                         "ViT-B-16, ViT-B-32, ViT-L-14 or RN50.")
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained is not None and pretrained not in tags:
+        raise ValueError(f"unknown pretrained tag {pretrained!r} for {model!r}. Valid tags: "
+                         f"{', '.join(tags) or '(none: use pretrained=None for random weights)'}")
+    clip = open_clip.create_model(model, pretrained=pretrained, device=device,
+                                  **_open_clip_kwargs(model, pretrained))
+    if not isinstance(clip, open_clip.model.CLIP):  # e.g. CoCa: a different text path
+        raise ValueError(f"model {model!r} is a {type(clip).__name__}, not an open_clip CLIP")
+    clip.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(model)  # context length from the model's config
+    pre = getattr(clip.visual, "preprocess_cfg", {})
+    size = clip.visual.image_size
+    return Backbone(model=clip, tokenize=lambda texts: tokenizer(list(texts)), name=model,
+                    pretrained=pretrained, image_size=size if isinstance(size, int) else size[0],
+                    mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)))
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ==================================================================================================
+# 3. Class names and prompt templates (CoOp trainers/zsclip.py, datasets/*.py)
+# ==================================================================================================
+
+# One hand-written template per dataset (CoOp's CUSTOM_TEMPLATES): the zero-shot baseline, and the
+# text ProReg initialises its head from.
+CUSTOM_TEMPLATES = {
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "food101": "a photo of {}, a type of food.",
+    "ucf101": "a photo of a person doing {}.",
+    **{name: "a photo of a {}." for name in ("stanford_cars", "sun397", "caltech101", "imagenet",
+                                              "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")},
+}
+
+# OpenAI's 80 ImageNet prompts (CLIP's prompt-engineering notebook; CoOp imagenet_templates.py).
+IMAGENET_TEMPLATES = [
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.",
+    "the embroidered {}.", "a photo of a hard to see {}.", "a bright photo of a {}.",
+    "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.",
+    "a bright photo of the {}.", "a cropped photo of a {}.", "a plastic {}.",
+    "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
+    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
+    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.",
+    "art of a {}.", "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.",
+    "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
+    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
+    "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+]
+# The 7 that CoOp's ZeroshotCLIP2 ensembles.
+IMAGENET_TEMPLATES_SELECT = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+]
+
+CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")  # clutter class, and a duplicate of Faces
+CALTECH_RENAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+EUROSAT_RENAMES = {
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest",
+    "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
+    "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings",
+    "River": "River", "SeaLake": "Sea or Lake",
+}
+
+
+def sun397_name(category: str) -> str:
+    """'/a/apse/indoor' or 'a/apse/indoor' -> 'indoor apse': drop the letter folder, qualifier first."""
+    return " ".join(category.strip("/").split("/")[1:][::-1])
+
+
+def ucf101_name(action: str) -> str:
+    """'ApplyEyeMakeup' -> 'Apply_Eye_Makeup' (also the midframes folder name)."""
+    return "_".join(re.findall("[A-Z][^A-Z]*", action))
+
+
+def cars_name(meta_name: str) -> str:
+    """'AM General Hummer SUV 2000' -> '2000 AM General Hummer SUV' (year first, as CoOp)."""
+    *words, year = meta_name.split(" ")
+    return " ".join([year, *words])
+
+
+# ==================================================================================================
+# 4. Real datasets: CoOp layouts, split_zhou JSONs, auto-splits, torchvision downloads
+# ==================================================================================================
+
+COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+AUTO_SPLIT_SEED = 1  # auto-splits are fixed (independent of the run's seed), like CoOp's saved split
+
+
+class Item(NamedTuple):
+    source: Union[str, int]  # image path, or an index into the world's renderer
+    label: int
+    classname: str
+
+
+@dataclass
+class Benchmark:
+    name: str
+    classnames: list
+    train: list
+    val: list
+    test: list
+    template: str
+    shifts: dict = field(default_factory=dict)
+    open_image: Callable = None
+    augment: bool = True
+
+
+def open_rgb(path) -> Image.Image:
+    """Open any image file as RGB. Grayscale, CMYK, palette and RGBA images are converted; a corrupt
+    or truncated file raises ValueError naming it: a skipped image would change the test set."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}. Replace or delete the file.") from err
+
+
+def _listdir(path) -> list:
+    """Sorted entries without hidden files: os.listdir order differs between file systems."""
+    return sorted(p for p in os.listdir(path) if not p.startswith("."))
+
+
+def _shuffle_split(items: list, rng: random.Random, p_train: Optional[float], p_val: float):
+    """One class's items -> (train, val, test) with the official rounding: shuffle, round(n*p) for
+    train and val, the rest is test. p_train=None: everything that is not val is train."""
+    items = list(items)
+    rng.shuffle(items)
+    n_val = round(len(items) * p_val)
+    n_train = len(items) - n_val if p_train is None else round(len(items) * p_train)
+    return items[:n_train], items[n_train:n_train + n_val], items[n_train + n_val:]
+
+
+def _split_by_label(items: list, rng: random.Random, p_train: Optional[float], p_val: float):
+    groups = defaultdict(list)
+    for item in items:
+        groups[item.label].append(item)
+    train, val, test = [], [], []
+    for label in sorted(groups):
+        a, b, c = _shuffle_split(groups[label], rng, p_train, p_val)
+        train += a; val += b; test += c
+    return train, val, test
+
+
+def _folders_split(ds: Path, image_dir: str, rng, ignored=(), renames=None):
+    """CoOp's DTD.read_and_split_data: one folder per class (sorted), 50/20/30 per class."""
+    base = ds / image_dir
+    classes = [c for c in _listdir(base) if c not in ignored and (base / c).is_dir()]
+    items = [Item(str(base / c / f), label, (renames or {}).get(c, c))
+             for label, c in enumerate(classes) for f in _listdir(base / c)]
+    return _split_by_label(items, rng, 0.5, 0.2)
+
+
+def _pets_split(ds: Path, image_dir: str, rng):
+    def read(txt):  # "Abyssinian_100 1 1 1": image, class id (1-based), species, breed id
+        out = []
+        for line in (ds / "annotations" / txt).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, label = line.split()[:2]
+                breed = "_".join(name.split("_")[:-1]).lower()
+                out.append(Item(str(ds / image_dir / f"{name}.jpg"), int(label) - 1, breed))
+        return out
+    train, val, _ = _split_by_label(read("trainval.txt"), rng, None, 0.2)
+    return train, val, read("test.txt")
+
+
+def _loadmat(path: Path):
+    try:
+        from scipy.io import loadmat
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs scipy (pip install scipy), or put CoOp's split_zhou "
+                          f"JSON next to it ({COOP_DATASETS_MD})") from err
+    return loadmat(path)
+
+
+def _flowers_split(ds: Path, image_dir: str, rng):
+    names_file = ds / "cat_to_name.json"
+    if names_file.exists():
+        names = json.loads(names_file.read_text())  # {"1": "pink primrose", ...}
+    else:  # torchvision's download has no cat_to_name.json; its class list holds the same names
+        from torchvision.datasets import Flowers102
+        names = {str(i + 1): n for i, n in enumerate(Flowers102.classes)}
+    labels = _loadmat(ds / "imagelabels.mat")["labels"][0]
+    items = [Item(str(ds / image_dir / f"image_{i + 1:05d}.jpg"), int(y) - 1, names[str(int(y))])
+             for i, y in enumerate(labels)]
+    return _split_by_label(items, rng, 0.5, 0.2)
+
+
+def _cars_split(ds: Path, image_dir: str, rng):
+    meta = _loadmat(ds / "devkit" / "cars_meta.mat")["class_names"][0]
+
+    def read(folder, anno):
+        annos = _loadmat(ds / anno)["annotations"][0]
+        return [Item(str(ds / folder / a["fname"][0]), int(a["class"][0, 0]) - 1,
+                     cars_name(str(meta[int(a["class"][0, 0]) - 1][0]))) for a in annos]
+    train, val, _ = _split_by_label(read("cars_train", "devkit/cars_train_annos.mat"), rng, None, 0.2)
+    return train, val, read("cars_test", "cars_test_annos_withlabels.mat")
+
+
+def _aircraft_split(ds: Path, image_dir: str, rng):
+    classes = [l.strip() for l in (ds / "variants.txt").read_text().splitlines() if l.strip()]
+    label_of = {c: i for i, c in enumerate(classes)}
+
+    def read(txt):  # "1025794 Boeing 707-320": image id, variant name (may contain spaces)
+        rows = [l.strip().split(" ", 1) for l in (ds / txt).read_text().splitlines() if l.strip()]
+        return [Item(str(ds / image_dir / f"{img}.jpg"), label_of[name], name) for img, name in rows]
+    return tuple(read(f"images_variant_{s}.txt") for s in ("train", "val", "test"))
+
+
+def _sun397_split(ds: Path, image_dir: str, rng):
+    classes = [l.strip()[1:] for l in (ds / "ClassName.txt").read_text().splitlines() if l.strip()]
+    label_of = {c: i for i, c in enumerate(classes)}  # "a/abbey" -> 0
+
+    def read(txt):  # "/a/abbey/sun_aaalbzqrimafwbiv.jpg"
+        out = []
+        for line in (ds / txt).read_text().splitlines():
+            if line.strip():
+                rel = line.strip()[1:]
+                cat = os.path.dirname(rel)
+                out.append(Item(str(ds / image_dir / rel), label_of[cat], sun397_name(cat)))
+        return out
+    train, val, _ = _split_by_label(read("Training_01.txt"), rng, None, 0.2)
+    return train, val, read("Testing_01.txt")
+
+
+def _ucf101_split(ds: Path, image_dir: str, rng):
+    lists = ds / "ucfTrainTestlist"
+    label_of = {}
+    for line in (lists / "classInd.txt").read_text().splitlines():  # "1 ApplyEyeMakeup"
+        if line.strip():
+            idx, action = line.split()
+            label_of[action] = int(idx) - 1
+
+    def read(txt):  # "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1": the midframe is a .jpg
+        out = []
+        for line in (lists / txt).read_text().splitlines():
+            if line.strip():
+                action, video = line.split()[0].split("/")
+                name = ucf101_name(action)
+                out.append(Item(str(ds / image_dir / name / video.replace(".avi", ".jpg")), label_of[action], name))
+        return out
+    train, val, _ = _split_by_label(read("trainlist01.txt"), rng, None, 0.2)
+    return train, val, read("testlist01.txt")
+
+
+def _read_classnames(path: Path) -> dict:
+    """classnames.txt: 'n01440764 tench' per line -> {wnid: name}, in file order."""
+    names = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            wnid, name = line.strip().split(" ", 1)
+            names[wnid] = name
+    return names
+
+
+def _imagenet_classnames(ds: Path) -> dict:
+    # CoOp asks for a copy of imagenet/classnames.txt in every variant folder; fall back to ImageNet's.
+    for path in (ds / "classnames.txt", ds.parent / "imagenet" / "classnames.txt"):
+        if path.exists():
+            return _read_classnames(path)
+    raise FileNotFoundError(f"{ds / 'classnames.txt'} not found: copy imagenet/classnames.txt there "
+                            f"(the 'wnid name' list of CoOp's DATASETS.md: {COOP_DATASETS_MD})")
+
+
+def _wnid_folders(ds: Path, image_dir: str, names: dict, wnids=None) -> list:
+    """Items from <image_dir>/<wnid>/*: labels follow the sorted folder order (or `wnids`' order)."""
+    base = ds / image_dir
+    wnids = wnids or [w for w in _listdir(base) if (base / w).is_dir()]
+    return [Item(str(base / w / f), label, names[w]) for label, w in enumerate(wnids) for f in _listdir(base / w)]
+
+
+def _imagenet_split(ds: Path, image_dir: str, rng):
+    names, base = _imagenet_classnames(ds), ds / image_dir / "train"
+    wnids = [w for w in _listdir(base) if (base / w).is_dir()]  # labels: sorted train folders
+    test = _wnid_folders(ds, f"{image_dir}/val", names, wnids)
+    return _wnid_folders(ds, f"{image_dir}/train", names, wnids), test, test  # val is the test set, as CoOp
+
+
+def _variant_split(ds: Path, image_dir: str, rng):
+    """Test-only ImageNet variants. V2's folders '0'..'999' index classnames.txt's order; the others
+    are <wnid>/ folders (A and R: 200 of them), labelled in sorted folder order as CoOp does."""
+    names = _imagenet_classnames(ds)
+    if image_dir.startswith("imagenetv2"):
+        return [], [], [Item(str(ds / image_dir / str(i) / f), i, names[w])
+                        for i, w in enumerate(names) for f in _listdir(ds / image_dir / str(i))]
+    return [], [], _wnid_folders(ds, image_dir, names)
+
+
+def _wnid(source: str, wnids: list) -> str:
+    folder = Path(source).parent.name
+    return wnids[int(folder)] if folder.isdigit() else folder  # ImageNetV2's numbered folders
+
+
+@dataclass(frozen=True)
+class _Spec:
+    folder: str                 # under root
+    image_dir: str              # under folder; split_zhou paths are relative to it
+    split_json: Optional[str]   # CoOp's split file name (None: the protocol has none)
+    reader: Callable            # (dataset_dir, image_dir, rng) -> (train, val, test): no JSON, or no JSON exists
+    source: str
+    layout: str                 # the expected tree, shown when something is missing
+    torchvision: Optional[tuple] = None  # (class name, inner folder of its download)
+
+
+_JSON_NOTE = "split_zhou_{}.json  (optional: CoOp's split, needed for paper-comparable numbers)"
+DATASETS = {
+    "caltech101": _Spec("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json",
+                        lambda ds, d, rng: _folders_split(ds, d, rng, CALTECH_IGNORED, CALTECH_RENAMES),
+                        "https://data.caltech.edu/records/mzrjq-6wc02 (101_ObjectCategories.tar.gz)",
+                        "caltech-101/\n  101_ObjectCategories/<class>/image_0001.jpg ...\n  " + _JSON_NOTE.format("Caltech101"),
+                        ("Caltech101", "caltech101")),
+    "oxford_pets": _Spec("oxford_pets", "images", "split_zhou_OxfordPets.json", _pets_split,
+                         "https://www.robots.ox.ac.uk/~vgg/data/pets/ (images.tar.gz, annotations.tar.gz)",
+                         "oxford_pets/\n  images/Abyssinian_1.jpg ...\n  annotations/trainval.txt, test.txt\n  " + _JSON_NOTE.format("OxfordPets"),
+                         ("OxfordIIITPet", "oxford-iiit-pet")),
+    "stanford_cars": _Spec("stanford_cars", "", "split_zhou_StanfordCars.json", _cars_split,
+                           "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (links dead: mirrors in CoOp "
+                           "issue #61 and torchvision issue #7545)",
+                           "stanford_cars/\n  cars_train/00001.jpg ...\n  cars_test/00001.jpg ...\n  devkit/cars_meta.mat, "
+                           "cars_train_annos.mat\n  cars_test_annos_withlabels.mat\n  " + _JSON_NOTE.format("StanfordCars")),
+    "oxford_flowers": _Spec("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", _flowers_split,
+                            "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, imagelabels.mat)",
+                            "oxford_flowers/\n  jpg/image_00001.jpg ...\n  imagelabels.mat\n  cat_to_name.json\n  "
+                            + _JSON_NOTE.format("OxfordFlowers"), ("Flowers102", "flowers-102")),
+    "food101": _Spec("food-101", "images", "split_zhou_Food101.json",
+                     lambda ds, d, rng: _folders_split(ds, d, rng),
+                     "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ (food-101.tar.gz)",
+                     "food-101/\n  images/<class>/<id>.jpg ...\n  meta/\n  " + _JSON_NOTE.format("Food101"),
+                     ("Food101", "food-101")),
+    "fgvc_aircraft": _Spec("fgvc_aircraft", "images", None, _aircraft_split,
+                           "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ (fgvc-aircraft-2013b.tar.gz; "
+                           "its data/ folder renamed fgvc_aircraft/)",
+                           "fgvc_aircraft/\n  images/1025794.jpg ...\n  variants.txt\n  "
+                           "images_variant_train.txt, images_variant_val.txt, images_variant_test.txt",
+                           ("FGVCAircraft", "fgvc-aircraft-2013b/data")),
+    "sun397": _Spec("sun397", "SUN397", "split_zhou_SUN397.json", _sun397_split,
+                    "https://vision.princeton.edu/projects/2010/SUN/ (SUN397.tar.gz and Partitions.zip)",
+                    "sun397/\n  SUN397/a/abbey/sun_aaalbzqrimafwbiv.jpg ...\n  ClassName.txt, Training_01.txt, "
+                    "Testing_01.txt\n  " + _JSON_NOTE.format("SUN397")),
+    "dtd": _Spec("dtd", "images", "split_zhou_DescribableTextures.json", lambda ds, d, rng: _folders_split(ds, d, rng),
+                 "https://www.robots.ox.ac.uk/~vgg/data/dtd/ (dtd-r1.0.1.tar.gz)",
+                 "dtd/\n  images/<texture>/<texture>_0001.jpg ...\n  imdb/, labels/\n  "
+                 + _JSON_NOTE.format("DescribableTextures"), ("DTD", "dtd/dtd")),
+    "eurosat": _Spec("eurosat", "2750", "split_zhou_EuroSAT.json",
+                     lambda ds, d, rng: _folders_split(ds, d, rng, renames=EUROSAT_RENAMES),
+                     "https://github.com/phelber/eurosat (EuroSAT RGB zip)",
+                     "eurosat/\n  2750/AnnualCrop/AnnualCrop_1.jpg ...\n  " + _JSON_NOTE.format("EuroSAT"),
+                     ("EuroSAT", "eurosat")),
+    "ucf101": _Spec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", _ucf101_split,
+                    f"UCF-101-midframes.zip from CoOp's DATASETS.md ({COOP_DATASETS_MD}); "
+                    "ucfTrainTestlist from https://www.crcv.ucf.edu/data/UCF101.php",
+                    "ucf101/\n  UCF-101-midframes/Apply_Eye_Makeup/v_ApplyEyeMakeup_g01_c01.jpg ...\n  "
+                    "ucfTrainTestlist/classInd.txt, trainlist01.txt, testlist01.txt\n  " + _JSON_NOTE.format("UCF101")),
+    "imagenet": _Spec("imagenet", "images", None, _imagenet_split, "https://image-net.org/ (ILSVRC2012 train and val)",
+                      "imagenet/\n  images/train/n01440764/*.JPEG ...\n  images/val/n01440764/*.JPEG ...\n"
+                      "  classnames.txt  ('n01440764 tench' per line, from CoOp's DATASETS.md)"),
+    "imagenetv2": _Spec("imagenetv2", "imagenetv2-matched-frequency-format-val", None, _variant_split,
+                        "https://github.com/modestyachts/ImageNetV2 (matched-frequency)",
+                        "imagenetv2/\n  imagenetv2-matched-frequency-format-val/0/*.jpeg ... 999/\n  classnames.txt"),
+    "imagenet_sketch": _Spec("imagenet-sketch", "images", None, _variant_split,
+                             "https://github.com/HaohanWang/ImageNet-Sketch",
+                             "imagenet-sketch/\n  images/n01440764/*.JPEG ...\n  classnames.txt"),
+    "imagenet_a": _Spec("imagenet-adversarial", "imagenet-a", None, _variant_split,
+                        "https://github.com/hendrycks/natural-adv-examples",
+                        "imagenet-adversarial/\n  imagenet-a/n01498041/*.jpg ... (200 classes)\n  classnames.txt"),
+    "imagenet_r": _Spec("imagenet-rendition", "imagenet-r", None, _variant_split,
+                        "https://github.com/hendrycks/imagenet-r",
+                        "imagenet-rendition/\n  imagenet-r/n01443537/*.jpg ... (200 classes)\n  classnames.txt"),
+}
+IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+def _missing(name: str, root: Path, what: str) -> FileNotFoundError:
+    spec = DATASETS[name]
+    hint = " Or pass download=True (--download): torchvision fetches it." if spec.torchvision else ""
+    return FileNotFoundError(
+        f"{name}: {what}.\nGet it from {spec.source}; CoOp's instructions and split files: "
+        f"{COOP_DATASETS_MD}.{hint}\nExpected layout under {root}:\n{spec.layout}")
+
+
+def _read_split_json(path: Path, image_dir: Path):
+    """split_zhou JSON: {"train"|"val"|"test": [[relative path, label, classname], ...]}."""
+    data = json.loads(path.read_text())
+    return tuple([Item(str(image_dir / rel), int(label), name) for rel, label, name in data[s]]
+                 for s in ("train", "val", "test"))
+
+
+def _download(name: str, root: Path) -> None:
+    """torchvision download into <folder>/_torchvision, then its inner folder's files moved up into
+    CoOp's layout (the same code then reads downloads and hand-made folders)."""
+    spec = DATASETS[name]
+    if spec.torchvision is None:
+        raise _missing(name, root, "torchvision cannot download it (dead links, video-only, or manual)")
+    import torchvision.datasets
+
+    cls, inner = spec.torchvision
+    ds, tmp = root / spec.folder, root / spec.folder / "_torchvision"
+    getattr(torchvision.datasets, cls)(str(tmp), download=True)
+    for child in (tmp / inner).iterdir():
+        if not (ds / child.name).exists():
+            shutil.move(str(child), str(ds / child.name))
+    shutil.rmtree(tmp)  # the archives
+
+
+def _classnames(name: str, splits) -> list:
+    """classnames[label] from the items, checking that labels are 0..n-1 with one name each."""
+    names = {}
+    for item in (it for split in splits for it in split):
+        if names.setdefault(item.label, item.classname) != item.classname:
+            raise ValueError(f"{name}: label {item.label} has two names: {names[item.label]!r}, {item.classname!r}")
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{name}: labels are not 0..{len(names) - 1}")
+    return [names[i] for i in range(len(names))]
+
+
+def _read_dataset(name: str, root: Path):
+    spec = DATASETS[name]
+    ds = root / spec.folder
+    if not (ds / spec.image_dir).is_dir():
+        raise _missing(name, root, f"{ds / spec.image_dir} does not exist")
+    json_path = ds / spec.split_json if spec.split_json else None
+    if json_path and json_path.exists():
+        splits = _read_split_json(json_path, ds / spec.image_dir)
+    else:
+        if json_path:
+            print(f"note: {json_path} not found; using the seeded auto-split rule of CoOp's code. Numbers "
+                  f"will not be comparable with the papers' (get the file from {COOP_DATASETS_MD}).", file=sys.stderr)
+        try:
+            splits = spec.reader(ds, spec.image_dir, random.Random(AUTO_SPLIT_SEED))
+        except (FileNotFoundError, KeyError) as err:
+            raise _missing(name, root, f"incomplete folder ({err})") from err
+    absent = [it.source for split in splits for it in split if not os.path.exists(it.source)]
+    if absent:
+        raise _missing(name, root, f"{len(absent)} listed images are missing, e.g. {absent[0]}")
+    if not any(splits):
+        raise _missing(name, root, f"no images found under {ds}")
+    return splits
+
+
+def load_dataset(name: str, root, download: bool = False) -> Benchmark:
+    """A benchmark by name: the offline world ('shapes...') or a CoOp dataset under `root`."""
+    if name.startswith(WORLD_PREFIX):
+        return _world_benchmark(name)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}. Known: {', '.join(DATASETS)}, and the offline "
+                         f"world's '{WORLD_PREFIX}...' benchmarks")
+    root = Path(root).expanduser()
+    spec = DATASETS[name]
+    if download and not (root / spec.folder / spec.image_dir).is_dir():
+        _download(name, root)
+    train, val, test = _read_dataset(name, root)
+    classnames = _classnames(name, (train, val, test))
+    shifts = {}
+    if name == "imagenet":  # DG test sets found next to it, in ImageNet's label space (by wnid)
+        wnids = list(_imagenet_classnames(root / spec.folder))
+        label_of = {Path(it.source).parent.name: it.label for it in train}  # ImageNet's <wnid> folders
+        for variant in IMAGENET_VARIANTS:
+            if (root / DATASETS[variant].folder / DATASETS[variant].image_dir).is_dir():
+                shifts[variant] = [Item(s, label_of[w], classnames[label_of[w]])
+                                   for s, _, _ in _read_dataset(variant, root)[2] for w in [_wnid(s, wnids)]]
+    return Benchmark(name, classnames, train, val, test, CUSTOM_TEMPLATES[name], shifts, open_rgb, augment=True)
+
+
+# ==================================================================================================
+# 5. Few-shot sampling, base/new split, transforms, loaders
+# ==================================================================================================
+
+
+def fewshot(items: list, shots: int, seed: int, cache=None) -> list:
+    """K items per class, CoOp's rule: group by label in order of first appearance, random.sample K
+    from each group - from a Random(seed) of its own, so the draw does not depend on what else used
+    the global RNG. A class with fewer than K items keeps all of them (CoOp's repeat=False) with a
+    warning. `cache`: a JSON path; an existing file is reused (checked against shots, seed, items)."""
+    if shots <= 0:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    items = [Item(*it) for it in items]
+    if cache is not None and Path(cache).exists():
+        saved = json.loads(Path(cache).read_text())
+        chosen = [Item(*it) for it in saved["items"]]
+        if saved["shots"] != shots or saved["seed"] != seed or not set(chosen) <= set(items):
+            raise ValueError(f"few-shot cache {cache} was made for other data (shots {saved['shots']}, seed "
+                             f"{saved['seed']}); delete it or pass another path")
+        return chosen
+    groups = defaultdict(list)
+    for item in items:
+        groups[item.label].append(item)
+    rng = random.Random(seed)
+    chosen, short = [], []
+    for label, group in groups.items():
+        if len(group) < shots:
+            short.append(f"{group[0].classname} ({len(group)})")
+        chosen += rng.sample(group, shots) if len(group) >= shots else group
+    if short:
+        warnings.warn(f"{len(short)} classes have fewer than {shots} items; all of their items are used: "
+                      + ", ".join(short[:10]) + (" ..." if len(short) > 10 else ""))
+    if cache is not None:
+        atomic_write_text(json.dumps({"shots": shots, "seed": seed, "items": chosen}), cache)
+    return chosen
+
+
+def subsample_classes(items: list, classnames: list, which: str):
+    """Base-to-new split (CoCoOp): the first ceil(n/2) labels are base, the rest new; each half is
+    relabelled from 0. Returns (items of that half, its classnames). 'all' returns both unchanged."""
+    if which not in ("all", "base", "new"):
+        raise ValueError(f"which must be 'all', 'base' or 'new', got {which!r}")
+    if which == "all":
+        return list(items), list(classnames)
+    m = math.ceil(len(classnames) / 2)
+    keep = range(m) if which == "base" else range(m, len(classnames))
+    new_label = {old: new for new, old in enumerate(keep)}
+    return ([Item(s, new_label[y], c) for s, y, c in items if y in new_label], [classnames[y] for y in keep])
+
+
+def shift_items(items: list, classnames: list) -> list:
+    """Items of a shifted test set whose class is in `classnames`, relabelled to its index there.
+    An item whose label already points at its own name keeps it (ImageNet's full class list repeats
+    a few names); a name that is ambiguous otherwise is an error rather than a silent mislabel."""
+    index, repeated = {}, set()
+    for i, name in enumerate(classnames):
+        if name in index:
+            repeated.add(name)
+        index.setdefault(name, i)
+    out = []
+    for source, label, name in items:
+        if 0 <= label < len(classnames) and classnames[label] == name:
+            out.append(Item(source, label, name))
+        elif name in repeated:
+            raise ValueError(f"class name {name!r} appears twice in classnames: cannot relabel {source}")
+        elif name in index:
+            out.append(Item(source, index[name], name))
+    return out
+
+
+def make_transform(backbone: Backbone, train: bool):
+    """The papers' transforms (Dassl INPUT of every CoOp config). Train: random resized crop with
+    scale (0.08, 1), bicubic, and a horizontal flip. Test: shorter side to the input size, centre
+    crop. Both normalise with the backbone's mean/std (CLIP's for OpenAI weights)."""
+    from torchvision import transforms as T
+
+    bicubic, size = T.InterpolationMode.BICUBIC, backbone.image_size
+    head = ([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()]
+            if train else [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)])
+    return T.Compose(head + [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)])
+
+
+class ImageItems(torch.utils.data.Dataset):
+    def __init__(self, items, open_image, transform):
+        self.items, self.open_image, self.transform = list(items), open_image, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        source, label, _ = self.items[i]
+        return self.transform(self.open_image(source)), label  # [3, H, W], int
+
+
+def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, batch_size: int,
+                seed: int = 0, workers: int = 0):
+    """Batches of (images [B, 3, H, W], labels [B]). Training: augmented when benchmark.augment,
+    shuffled by a generator seeded with `seed`, and drop_last only when there is at least one full
+    batch (Dassl). Evaluation: fixed order, no augmentation."""
+    augment = train and benchmark.augment
+    return torch.utils.data.DataLoader(
+        ImageItems(items, benchmark.open_image, make_transform(backbone, augment)),
+        batch_size=batch_size, shuffle=train, num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),  # the shuffle order and the workers' seeds
+        drop_last=train and len(items) >= batch_size,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+# ==================================================================================================
+# 6. The built-in offline world (stubs until the world is merged: the lead replaces this section)
+# ==================================================================================================
+
+
+def _world_benchmark(name: str) -> Benchmark:
+    """Benchmark for a world name ('shapes...'): must set augment=False and open_image(int)."""
+    raise NotImplementedError(f"the offline world ({name!r}) is not merged into data.py yet")
+
+
+def _load_tiny(pretrained: Optional[str], device) -> Backbone:
+    """The world's tiny CLIP as a Backbone (pretrained: a checkpoint tag or path)."""
+    raise NotImplementedError("the offline world's tiny CLIP ('tiny') is not merged into data.py yet")
+
+
+# ==================================================================================================
+# 7. Results: one JSON line per run, and the README table
+# ==================================================================================================
+
+
+def append_result(path, record: dict) -> None:
+    """Append one run as one JSON line. Expected keys: method, dataset, backbone, shots, seed,
+    base, new, hm (accuracies in %, new/hm None for all-class runs), wall_s. One os.write on an
+    O_APPEND descriptor, so parallel runs appending to one file do not interleave lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_results(runs_dir) -> list:
+    """Every record of every *.jsonl file under runs_dir."""
+    records = []
+    for path in sorted(Path(runs_dir).rglob("*.jsonl")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    warnings.warn(f"{path}:{n}: not a JSON line, skipped")
+    return records
+
+
+def _mean_std(values: list) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0  # sample std over seeds
+    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+
+
+def results_table(records: list) -> str:
+    """Markdown table: mean ± std over seeds per (method, dataset, backbone, shots). HM is the HM
+    of the mean base and mean new accuracies, and each 'average' row takes the HM of the averaged
+    base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["dataset"], r["backbone"], r["shots"])].append(r)
+    rows = ["| method | dataset | backbone | shots | seeds | base | new | HM |", "|---|---|---|---|---|---|---|---|"]
+    averages = defaultdict(list)
+
+    def row(key, seeds, base, new, base_cell, new_cell):
+        hm = f"{harmonic_mean(base, new):.2f}" if base is not None and new is not None else "-"
+        rows.append("| " + " | ".join(map(str, (*key, seeds, base_cell, new_cell, hm))) + " |")
+
+    for (method, dataset, backbone, shots), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        base = [r["base"] for r in runs if r.get("base") is not None]
+        new = [r["new"] for r in runs if r.get("new") is not None]
+        mb = statistics.fmean(base) if base else None
+        mn = statistics.fmean(new) if new else None
+        row((method, dataset, backbone, shots), len({r.get("seed") for r in runs}), mb, mn,
+            _mean_std(base), _mean_std(new))
+        averages[(method, backbone, shots)].append((mb, mn))
+    for (method, backbone, shots), means in sorted(averages.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if len(means) > 1 and all(b is not None for b, _ in means):
+            mb = statistics.fmean(b for b, _ in means)
+            mn = statistics.fmean(n for _, n in means) if all(n is not None for _, n in means) else None
+            row((method, f"average ({len(means)})", backbone, shots), "", mb, mn,
+                f"{mb:.2f}", "-" if mn is None else f"{mn:.2f}")
+    return "\n".join(rows)
+
+
+def _cmd_table(argv) -> None:
+    parser = argparse.ArgumentParser(prog="data.py table", description="mean ± std table of a runs folder")
+    parser.add_argument("runs_dir", help="folder searched recursively for *.jsonl result files")
+    args = parser.parse_args(argv)
+    records = read_results(args.runs_dir)
+    if not records:
+        sys.exit(f"no results (*.jsonl) under {args.runs_dir}")
+    print(results_table(records))
+
+
+COMMANDS = {"table": _cmd_table}  # `python data.py <command> ...`; the world adds "pretrain"
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(f"usage: python data.py {{{','.join(COMMANDS)}}} ...")
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
