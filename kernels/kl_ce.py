@@ -173,8 +173,9 @@ if HAS_TRITON:
             for start in range(0, C, BLOCK):
                 cols = start + offs
                 mask = cols < C
-                s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-                t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+                # -inf on masked lanes: q = p = 0 there, nothing overflows before the masked store
+                s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 if UNIT_T:
                     q = tl.exp(s - lse_q)
                     p = tl.exp(t - lse_p)
