@@ -307,11 +307,14 @@ def _listdir(path) -> list:
 
 def _shuffle_split(items: list, rng: random.Random, p_train: Optional[float], p_val: float):
     """One class's items -> (train, val, test) with the official rounding: shuffle, round(n*p) for
-    train and val, the rest is test. p_train=None: everything that is not val is train."""
+    train and val, the rest is test. p_train=None (a train+val file): the first round(n*p_val)
+    shuffled items are val, the rest train, no test (OxfordPets.split_trainval)."""
     items = list(items)
     rng.shuffle(items)
     n_val = round(len(items) * p_val)
-    n_train = len(items) - n_val if p_train is None else round(len(items) * p_train)
+    if p_train is None:
+        return items[n_val:], items[:n_val], []
+    n_train = round(len(items) * p_train)
     return items[:n_train], items[n_train:n_train + n_val], items[n_train + n_val:]
 
 
@@ -813,7 +816,8 @@ def results_table(records: list) -> str:
     base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
     groups = defaultdict(list)
     for r in records:
-        groups[(r["method"], r["dataset"], r["backbone"], r["shots"])].append(r)
+        backbone = f"{r['backbone']}/{r['pretrained']}" if r.get("pretrained") else r["backbone"]
+        groups[(r["method"], r["dataset"], backbone, r["shots"])].append(r)
     rows = ["| method | dataset | backbone | shots | seeds | base | new | HM |", "|---|---|---|---|---|---|---|---|"]
     averages = defaultdict(list)
 

@@ -376,3 +376,77 @@ def test_results_table(tmp_path, capsys):
     assert any(l.startswith("| coop | average (2) |") and l.endswith("| 74.68 |") for l in lines)
     with pytest.raises(SystemExit):
         data.main(["nonsense"])
+
+
+# ------------------------------------------------------------------------------------------------
+# more layouts: list-file datasets, .mat datasets, torchvision downloads
+# ------------------------------------------------------------------------------------------------
+
+def test_sun397_partition_files(tmp_path):
+    ds = tmp_path / "sun397"
+    cats = ["/a/abbey", "/a/apse/indoor"]
+    ds.mkdir()
+    (ds / "ClassName.txt").write_text("\n".join(cats) + "\n")
+    rows = {"Training_01.txt": [], "Testing_01.txt": []}
+    for cat in cats:
+        for i in range(7):
+            rel = f"{cat}/sun_{i}.jpg"
+            jpeg(ds / "SUN397" / rel[1:])
+            rows["Testing_01.txt" if i >= 5 else "Training_01.txt"].append(rel)
+    for name, lines in rows.items():
+        (ds / name).write_text("\n".join(lines) + "\n")
+    bench = data.load_dataset("sun397", tmp_path)
+    assert bench.classnames == ["abbey", "indoor apse"]
+    assert (len(bench.train), len(bench.val), len(bench.test)) == (8, 2, 4)
+
+
+def test_ucf101_midframes(tmp_path):
+    ds = tmp_path / "ucf101"
+    lists = ds / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 YoYo\n")
+    rows = {"trainlist01.txt": [], "testlist01.txt": []}
+    for label, action in enumerate(["ApplyEyeMakeup", "YoYo"], 1):
+        for g in range(1, 7):
+            jpeg(ds / "UCF-101-midframes" / data.ucf101_name(action) / f"v_{action}_g{g:02d}_c01.jpg")
+            name = "testlist01.txt" if g > 5 else "trainlist01.txt"
+            rows[name].append(f"{action}/v_{action}_g{g:02d}_c01.avi" + (f" {label}" if g <= 5 else ""))
+    for name, lines in rows.items():
+        (lists / name).write_text("\n".join(lines) + "\n")
+    bench = data.load_dataset("ucf101", tmp_path)
+    assert bench.classnames == ["Apply_Eye_Makeup", "Yo_Yo"]
+    assert (len(bench.train), len(bench.val), len(bench.test)) == (8, 2, 2)
+    assert bench.template == "a photo of a person doing {}."
+
+
+def test_oxford_flowers_labels_and_names(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    import numpy as np
+    ds = tmp_path / "oxford_flowers"
+    labels = [1, 2] * 5
+    for i in range(len(labels)):
+        jpeg(ds / "jpg" / f"image_{i + 1:05d}.jpg")
+    scipy_io.savemat(ds / "imagelabels.mat", {"labels": np.array([labels])})
+    (ds / "cat_to_name.json").write_text(json.dumps({"1": "pink primrose", "2": "sweet pea"}))
+    bench = data.load_dataset("oxford_flowers", tmp_path)
+    assert bench.classnames == ["pink primrose", "sweet pea"]
+    assert (len(bench.train), len(bench.val), len(bench.test)) == (4, 2, 4)  # 5 per class: round(2.5)=2, 1, 2
+    (ds / "cat_to_name.json").unlink()  # torchvision's download has none: its class list is used
+    assert data.load_dataset("oxford_flowers", tmp_path).classnames[1] == "hard-leaved pocket orchid"
+
+
+def test_download_lays_torchvision_files_out_as_coop(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def fake_eurosat(root, download):  # what torchvision leaves on disk: <root>/eurosat/2750/...
+        assert download
+        for folder in ["Forest", "River"]:
+            for i in range(5):
+                jpeg(Path(root) / "eurosat" / "2750" / folder / f"{folder}_{i}.jpg")
+        (Path(root) / "EuroSAT.zip").write_bytes(b"archive")
+    monkeypatch.setattr(torchvision.datasets, "EuroSAT", fake_eurosat)
+    bench = data.load_dataset("eurosat", tmp_path, download=True)
+    assert bench.classnames == ["Forest", "River"] and len(bench.test) == 4
+    assert sorted(os.listdir(tmp_path / "eurosat")) == ["2750"]  # archives removed
+    with pytest.raises(FileNotFoundError, match="torchvision cannot download"):
+        data.load_dataset("sun397", tmp_path, download=True)
