@@ -270,17 +270,19 @@ def autocast(device):
 
 @torch.no_grad()
 def evaluate(model, loader) -> dict:
-    """Top-1 accuracy in %, micro-averaged over the test items (Dassl's evaluator)."""
+    """Top-1 accuracy in %, micro-averaged over the test items (Dassl's evaluator), and the mean
+    cross-entropy (a continuous number: two evaluations that agree on it used the same model)."""
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
+    correct = total = loss = 0
     with autocast(device):
         text_features = model.class_text_features()  # once per evaluation, not per test batch
         for x, labels in tqdm(loader, desc="eval", leave=False):
             logits = model(x.to(device), text_features)
             correct += (logits.argmax(-1) == labels.to(device)).sum().item()
+            loss += F.cross_entropy(logits.float(), labels.to(device), reduction="sum").item()
             total += len(labels)
-    return {"acc": 100.0 * correct / max(total, 1), "n": total}
+    return {"acc": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1), "n": total}
 # ==== end shared block ====
 
 
@@ -330,8 +332,9 @@ def main(args):
         assert args.resume, "--eval-only needs --resume RUN_DIR"
         ckpt = torch.load(Path(args.resume) / "checkpoint.pt", map_location="cpu")
         now = {k: getattr(args, k) for k in ("eval_only", "resume", "root", "device", "workers", "test_batch_size")}
-        args = argparse.Namespace(**{**ckpt["args"], **now})
-    args = resolve_settings(args)
+        args = argparse.Namespace(**{**ckpt["args"], **now})  # saved after resolve_settings
+    else:
+        args = resolve_settings(args)
     method = "cocoop" if args.conditional else "coop"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -404,7 +407,8 @@ def main(args):
     splits = {"base": data.subsample_classes(bench.test, bench.classnames, "base"),
               "new": data.subsample_classes(bench.test, bench.classnames, "new")}
     splits.update({name: (data.shift_items(items, base_names), base_names) for name, items in bench.shifts.items()})
-    results = {"zero-shot CLIP": {}, method: {}}
+    name = "CoCoOp" if args.conditional else "CoOp"
+    results, test_loss = {"zero-shot CLIP": {}, name: {}}, {}
     for split, (items, names) in splits.items():
         if split == "new" and args.csc:
             print("--csc: the learned contexts belong to base classes; no prompt exists for new classes")
@@ -412,7 +416,8 @@ def main(args):
         feats, labels = encode_images(model, loader(items, False, args.test_batch_size), device)  # once per split
         batches = list(zip(feats.split(args.test_batch_size), labels.split(args.test_batch_size)))
         model.prompt_learner.set_classes(names)
-        results[method][split] = evaluate(model, batches)["acc"]
+        metrics = evaluate(model, batches)
+        results[name][split], test_loss[split] = metrics["acc"], metrics["loss"]
         results["zero-shot CLIP"][split] = evaluate(ZeroShotCLIP(clip, backbone.tokenize, names, bench.template), batches)["acc"]
     model.prompt_learner.set_classes(base_names)
     for r in results.values():
@@ -424,11 +429,11 @@ def main(args):
     for name, r in results.items():
         print(f"{name:16}" + "".join(f"{r[c]:12.2f}" if r.get(c) is not None else f"{'-':>12}" for c in columns))
 
-    r = results[method]
+    r = results[name]
     record = dict(method=method, dataset=args.dataset, backbone=backbone.name, pretrained=backbone.pretrained,
                   shots=args.shots, seed=args.seed, epoch=epoch, base=r["base"], new=r.get("new"), hm=r["hm"],
                   shifts={s: r[s] for s in bench.shifts}, zero_shot=results["zero-shot CLIP"],
-                  wall_s=round(time.time() - start_time, 1), args=vars(args))
+                  test_loss=test_loss, wall_s=round(time.time() - start_time, 1), args=vars(args))
     if args.eval_only:  # a re-evaluation: its own file, nothing of the run is replaced or appended
         data.atomic_write_text(json.dumps(record, indent=2), out / "eval_only.json")
         return record

@@ -1,0 +1,47 @@
+"""The marked shared blocks (the prompt-aware text encoder, evaluate) are identical in every method
+file, so that each file can be read, and copied, on its own. Fails when a block drifts in one file
+or when a present method file loses a block's markers."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD_FILES = ["coop.py", "promptsrc.py", "vprompt.py", "proreg.py"]
+BLOCKS = ["text encoder", "evaluate"]
+START = "# ==== shared block: {} (identical in every method file) ===="
+END = "# ==== end shared block ===="
+
+
+def blocks(path: Path) -> dict:
+    """{block name: its text between the markers}; a block opened twice or never closed is an error."""
+    text, found = path.read_text(), {}
+    for match in re.finditer(r"^# ==== shared block: (.+?) \(identical in every method file\) ====$", text, re.M):
+        end = text.find("\n" + END, match.end())
+        assert end != -1, f"{path.name}: block {match.group(1)!r} has no end marker"
+        assert match.group(1) not in found, f"{path.name}: block {match.group(1)!r} appears twice"
+        found[match.group(1)] = text[match.end():end]
+    return found
+
+
+PRESENT = [ROOT / name for name in METHOD_FILES if (ROOT / name).exists()]
+
+
+def test_coop_is_present():
+    assert ROOT / "coop.py" in PRESENT
+
+
+@pytest.mark.parametrize("path", PRESENT, ids=lambda p: p.name)
+def test_each_method_file_has_every_block(path):
+    found = blocks(path)
+    for name in BLOCKS:
+        assert name in found, f"{path.name} lacks the marked block {START.format(name)!r}"
+        assert found[name].strip(), f"{path.name}: block {name!r} is empty"
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_blocks_are_identical_across_method_files(name):
+    texts = {path.name: blocks(path).get(name) for path in PRESENT}
+    reference = texts["coop.py"]
+    for file, text in texts.items():
+        assert text == reference, f"shared block {name!r} in {file} differs from coop.py's"
