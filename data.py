@@ -104,6 +104,8 @@ def atomic_write_text(text: str, path) -> None:
 # ==================================================================================================
 
 WORLD_PREFIX = "shapes"  # dataset names of the built-in offline world start with this
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (every paper's INPUT)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -178,9 +180,6 @@ def load_backbone(model: str, pretrained: Optional[str], device="cpu") -> Backbo
                     pretrained=pretrained, image_size=size if isinstance(size, int) else size[0],
                     mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)))
 
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ==================================================================================================
 # 3. Class names and prompt templates (CoOp trainers/zsclip.py, datasets/*.py)
@@ -759,15 +758,18 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
 # ==================================================================================================
 # 6. The built-in offline world (stubs until the world is merged: the lead replaces this section)
 # ==================================================================================================
+# The rest of data.py needs exactly two names from this section:
+#   _world_benchmark(name) -> Benchmark   for dataset names starting with WORLD_PREFIX (augment=False,
+#                                         open_image(int) -> RGB PIL image)
+#   _load_tiny(pretrained, device) -> Backbone   for model 'tiny' (default_backbone: ('tiny', 'shapes'))
+# and section 7's COMMANDS names its extra `python data.py <command>` entry points (e.g. 'pretrain').
 
 
 def _world_benchmark(name: str) -> Benchmark:
-    """Benchmark for a world name ('shapes...'): must set augment=False and open_image(int)."""
     raise NotImplementedError(f"the offline world ({name!r}) is not merged into data.py yet")
 
 
 def _load_tiny(pretrained: Optional[str], device) -> Backbone:
-    """The world's tiny CLIP as a Backbone (pretrained: a checkpoint tag or path)."""
     raise NotImplementedError("the offline world's tiny CLIP ('tiny') is not merged into data.py yet")
 
 
@@ -811,7 +813,7 @@ def _mean_std(values: list) -> str:
 
 
 def results_table(records: list) -> str:
-    """Markdown table: mean ± std over seeds per (method, dataset, backbone, shots). HM is the HM
+    """Markdown table: mean ± std over seeds per (method, dataset, backbone/tag, shots). HM is the HM
     of the mean base and mean new accuracies, and each 'average' row takes the HM of the averaged
     base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
     groups = defaultdict(list)
@@ -852,7 +854,7 @@ def _cmd_table(argv) -> None:
     print(results_table(records))
 
 
-COMMANDS = {"table": _cmd_table}  # `python data.py <command> ...`; the world adds "pretrain"
+COMMANDS = {"table": _cmd_table}  # `python data.py <command> ...`
 
 
 def main(argv=None) -> None:
