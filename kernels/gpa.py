@@ -39,8 +39,8 @@ if HAS_TRITON:
     def _lerp_into(src, avg, n, factor, BLOCK: tl.constexpr):
         # torch.lerp's two-sided formula, so that results match torch._foreach_lerp_ closely
         offs = tl.arange(0, BLOCK)
-        step = tl.num_programs(1) * BLOCK
-        for start in range(tl.program_id(1) * BLOCK, n, step):
+        step = tl.num_programs(1).to(tl.int64) * BLOCK  # n is int64 (from the table)
+        for start in range(tl.program_id(1).to(tl.int64) * BLOCK, n, step):
             idx = start + offs
             mask = idx < n
             x = tl.load(src + idx, mask=mask, other=0.0).to(tl.float32)

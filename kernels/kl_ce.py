@@ -203,9 +203,11 @@ if HAS_TRITON:
 
     def _prune(configs, named_args, **kwargs):
         c_pow2 = triton.next_power_of_2(named_args["C"])
-        if c_pow2 <= 1024:
-            keep = [cf for cf in configs if cf.kwargs["BLOCK"] == max(c_pow2, 16)
-                    and cf.num_warps <= max(1, c_pow2 // 64)]
+        if c_pow2 <= 256:  # one chunk, launch-bound: nothing to tune
+            block, warps = _default_launch(named_args["C"])
+            keep = [cf for cf in configs if cf.kwargs["BLOCK"] == block and cf.num_warps == warps]
+        elif c_pow2 <= 1024:
+            keep = [cf for cf in configs if cf.kwargs["BLOCK"] == c_pow2 and cf.num_warps in (4, 8)]
         else:
             keep = [cf for cf in configs if 1024 <= cf.kwargs["BLOCK"] <= c_pow2 and cf.num_warps >= 4]
         return keep or [configs[-1]]
@@ -221,7 +223,7 @@ if HAS_TRITON:
 def _default_launch(C: int) -> tuple[int, int]:
     """(BLOCK, num_warps) used by the interpreter and as the untuned choice."""
     block = min(max(16, 1 << (C - 1).bit_length()), 4096)
-    return block, (1 if block <= 64 else 4 if block <= 1024 else 8)
+    return block, (1 if block <= 64 else 2 if block <= 256 else 4 if block <= 1024 else 8)
 
 
 # ----------------------------------------------------------------------------------------------
