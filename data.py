@@ -275,6 +275,7 @@ class Item(NamedTuple):
 
 @dataclass
 class Benchmark:
+    """A dataset as the method files see it (see the API contract at the top)."""
     name: str
     classnames: list
     train: list
@@ -296,7 +297,7 @@ def open_rgb(path) -> Image.Image:
                 img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}. Replace or delete the file.") from err
+        raise ValueError(f"cannot read image {path}: {err}. Replace the file (download it again).") from err
 
 
 def _listdir(path) -> list:
@@ -479,79 +480,80 @@ def _wnid(source: str, wnids: list) -> str:
 
 @dataclass(frozen=True)
 class _Spec:
-    folder: str                 # under root
-    image_dir: str              # under folder; split_zhou paths are relative to it
-    split_json: Optional[str]   # CoOp's split file name (None: the protocol has none)
-    reader: Callable            # (dataset_dir, image_dir, rng) -> (train, val, test): no JSON, or no JSON exists
+    folder: str                # under root
+    image_dir: str             # under folder; split_zhou paths are relative to it
+    example: str               # one image under image_dir, to show the layout
+    files: tuple               # what else the reader needs when there is no split JSON
+    split_json: Optional[str]  # CoOp's split file (None: the protocol has none)
+    reader: Callable           # (dataset_dir, image_dir, rng) -> (train, val, test), without the JSON
     source: str
-    layout: str                 # the expected tree, shown when something is missing
-    torchvision: Optional[tuple] = None  # (class name, inner folder of its download)
+    torchvision: Optional[tuple] = None  # (torchvision class, folder of its download holding the files)
+
+    def layout(self) -> str:
+        lines = [f"{self.folder}/", f"  {os.path.join(self.image_dir, self.example)} ...",
+                 *(f"  {f}" for f in self.files)]
+        if self.split_json:
+            lines.append(f"  {self.split_json}  (optional: CoOp's split, for numbers comparable with the papers)")
+        return "\n".join(lines)
 
 
-_JSON_NOTE = "split_zhou_{}.json  (optional: CoOp's split, needed for paper-comparable numbers)"
+_VGG = "https://www.robots.ox.ac.uk/~vgg/data/"
+_CLASSNAMES = ("classnames.txt  (a copy of imagenet/classnames.txt)",)
 DATASETS = {
-    "caltech101": _Spec("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json",
-                        lambda ds, d, rng: _folders_split(ds, d, rng, CALTECH_IGNORED, CALTECH_RENAMES),
-                        "https://data.caltech.edu/records/mzrjq-6wc02 (101_ObjectCategories.tar.gz)",
-                        "caltech-101/\n  101_ObjectCategories/<class>/image_0001.jpg ...\n  " + _JSON_NOTE.format("Caltech101"),
-                        ("Caltech101", "caltech101")),
-    "oxford_pets": _Spec("oxford_pets", "images", "split_zhou_OxfordPets.json", _pets_split,
-                         "https://www.robots.ox.ac.uk/~vgg/data/pets/ (images.tar.gz, annotations.tar.gz)",
-                         "oxford_pets/\n  images/Abyssinian_1.jpg ...\n  annotations/trainval.txt, test.txt\n  " + _JSON_NOTE.format("OxfordPets"),
-                         ("OxfordIIITPet", "oxford-iiit-pet")),
-    "stanford_cars": _Spec("stanford_cars", "", "split_zhou_StanfordCars.json", _cars_split,
-                           "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (links dead: mirrors in CoOp "
-                           "issue #61 and torchvision issue #7545)",
-                           "stanford_cars/\n  cars_train/00001.jpg ...\n  cars_test/00001.jpg ...\n  devkit/cars_meta.mat, "
-                           "cars_train_annos.mat\n  cars_test_annos_withlabels.mat\n  " + _JSON_NOTE.format("StanfordCars")),
-    "oxford_flowers": _Spec("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", _flowers_split,
-                            "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, imagelabels.mat)",
-                            "oxford_flowers/\n  jpg/image_00001.jpg ...\n  imagelabels.mat\n  cat_to_name.json\n  "
-                            + _JSON_NOTE.format("OxfordFlowers"), ("Flowers102", "flowers-102")),
-    "food101": _Spec("food-101", "images", "split_zhou_Food101.json",
-                     lambda ds, d, rng: _folders_split(ds, d, rng),
-                     "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ (food-101.tar.gz)",
-                     "food-101/\n  images/<class>/<id>.jpg ...\n  meta/\n  " + _JSON_NOTE.format("Food101"),
-                     ("Food101", "food-101")),
-    "fgvc_aircraft": _Spec("fgvc_aircraft", "images", None, _aircraft_split,
-                           "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ (fgvc-aircraft-2013b.tar.gz; "
-                           "its data/ folder renamed fgvc_aircraft/)",
-                           "fgvc_aircraft/\n  images/1025794.jpg ...\n  variants.txt\n  "
-                           "images_variant_train.txt, images_variant_val.txt, images_variant_test.txt",
-                           ("FGVCAircraft", "fgvc-aircraft-2013b/data")),
-    "sun397": _Spec("sun397", "SUN397", "split_zhou_SUN397.json", _sun397_split,
-                    "https://vision.princeton.edu/projects/2010/SUN/ (SUN397.tar.gz and Partitions.zip)",
-                    "sun397/\n  SUN397/a/abbey/sun_aaalbzqrimafwbiv.jpg ...\n  ClassName.txt, Training_01.txt, "
-                    "Testing_01.txt\n  " + _JSON_NOTE.format("SUN397")),
-    "dtd": _Spec("dtd", "images", "split_zhou_DescribableTextures.json", lambda ds, d, rng: _folders_split(ds, d, rng),
-                 "https://www.robots.ox.ac.uk/~vgg/data/dtd/ (dtd-r1.0.1.tar.gz)",
-                 "dtd/\n  images/<texture>/<texture>_0001.jpg ...\n  imdb/, labels/\n  "
-                 + _JSON_NOTE.format("DescribableTextures"), ("DTD", "dtd/dtd")),
-    "eurosat": _Spec("eurosat", "2750", "split_zhou_EuroSAT.json",
-                     lambda ds, d, rng: _folders_split(ds, d, rng, renames=EUROSAT_RENAMES),
-                     "https://github.com/phelber/eurosat (EuroSAT RGB zip)",
-                     "eurosat/\n  2750/AnnualCrop/AnnualCrop_1.jpg ...\n  " + _JSON_NOTE.format("EuroSAT"),
-                     ("EuroSAT", "eurosat")),
-    "ucf101": _Spec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", _ucf101_split,
-                    f"UCF-101-midframes.zip from CoOp's DATASETS.md ({COOP_DATASETS_MD}); "
-                    "ucfTrainTestlist from https://www.crcv.ucf.edu/data/UCF101.php",
-                    "ucf101/\n  UCF-101-midframes/Apply_Eye_Makeup/v_ApplyEyeMakeup_g01_c01.jpg ...\n  "
-                    "ucfTrainTestlist/classInd.txt, trainlist01.txt, testlist01.txt\n  " + _JSON_NOTE.format("UCF101")),
-    "imagenet": _Spec("imagenet", "images", None, _imagenet_split, "https://image-net.org/ (ILSVRC2012 train and val)",
-                      "imagenet/\n  images/train/n01440764/*.JPEG ...\n  images/val/n01440764/*.JPEG ...\n"
-                      "  classnames.txt  ('n01440764 tench' per line, from CoOp's DATASETS.md)"),
-    "imagenetv2": _Spec("imagenetv2", "imagenetv2-matched-frequency-format-val", None, _variant_split,
-                        "https://github.com/modestyachts/ImageNetV2 (matched-frequency)",
-                        "imagenetv2/\n  imagenetv2-matched-frequency-format-val/0/*.jpeg ... 999/\n  classnames.txt"),
-    "imagenet_sketch": _Spec("imagenet-sketch", "images", None, _variant_split,
-                             "https://github.com/HaohanWang/ImageNet-Sketch",
-                             "imagenet-sketch/\n  images/n01440764/*.JPEG ...\n  classnames.txt"),
-    "imagenet_a": _Spec("imagenet-adversarial", "imagenet-a", None, _variant_split,
-                        "https://github.com/hendrycks/natural-adv-examples",
-                        "imagenet-adversarial/\n  imagenet-a/n01498041/*.jpg ... (200 classes)\n  classnames.txt"),
-    "imagenet_r": _Spec("imagenet-rendition", "imagenet-r", None, _variant_split,
-                        "https://github.com/hendrycks/imagenet-r",
-                        "imagenet-rendition/\n  imagenet-r/n01443537/*.jpg ... (200 classes)\n  classnames.txt"),
+    "caltech101": _Spec(
+        "caltech-101", "101_ObjectCategories", "<class>/image_0001.jpg", (), "split_zhou_Caltech101.json",
+        lambda ds, d, rng: _folders_split(ds, d, rng, CALTECH_IGNORED, CALTECH_RENAMES),
+        "https://data.caltech.edu/records/mzrjq-6wc02 (101_ObjectCategories)", ("Caltech101", "caltech101")),
+    "oxford_pets": _Spec(
+        "oxford_pets", "images", "Abyssinian_1.jpg", ("annotations/trainval.txt, test.txt",),
+        "split_zhou_OxfordPets.json", _pets_split, _VGG + "pets/ (images.tar.gz, annotations.tar.gz)",
+        ("OxfordIIITPet", "oxford-iiit-pet")),
+    "stanford_cars": _Spec(
+        "stanford_cars", "", "cars_train/00001.jpg",
+        ("cars_test/00001.jpg ...", "devkit/cars_meta.mat, cars_train_annos.mat", "cars_test_annos_withlabels.mat"),
+        "split_zhou_StanfordCars.json", _cars_split, "https://ai.stanford.edu/~jkrause/cars/car_dataset.html "
+        "(links dead: mirrors in CoOp issue #61 and torchvision issue #7545)"),
+    "oxford_flowers": _Spec(
+        "oxford_flowers", "jpg", "image_00001.jpg", ("imagelabels.mat", "cat_to_name.json"),
+        "split_zhou_OxfordFlowers.json", _flowers_split, _VGG + "flowers/102/ (102flowers.tgz, imagelabels.mat)",
+        ("Flowers102", "flowers-102")),
+    "food101": _Spec(
+        "food-101", "images", "<class>/<id>.jpg", ("meta/",), "split_zhou_Food101.json",
+        lambda ds, d, rng: _folders_split(ds, d, rng),
+        "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/", ("Food101", "food-101")),
+    "fgvc_aircraft": _Spec(
+        "fgvc_aircraft", "images", "1025794.jpg",
+        ("variants.txt", "images_variant_train.txt, images_variant_val.txt, images_variant_test.txt"), None,
+        _aircraft_split, _VGG + "fgvc-aircraft/ (fgvc-aircraft-2013b.tar.gz: data/ renamed fgvc_aircraft/)",
+        ("FGVCAircraft", "fgvc-aircraft-2013b/data")),
+    "sun397": _Spec(
+        "sun397", "SUN397", "a/abbey/sun_aaalbzqrimafwbiv.jpg", ("ClassName.txt, Training_01.txt, Testing_01.txt",),
+        "split_zhou_SUN397.json", _sun397_split,
+        "https://vision.princeton.edu/projects/2010/SUN/ (SUN397.tar.gz, Partitions.zip)"),
+    "dtd": _Spec(
+        "dtd", "images", "<texture>/<texture>_0001.jpg", ("imdb/", "labels/"), "split_zhou_DescribableTextures.json",
+        lambda ds, d, rng: _folders_split(ds, d, rng), _VGG + "dtd/ (dtd-r1.0.1.tar.gz)", ("DTD", "dtd/dtd")),
+    "eurosat": _Spec(
+        "eurosat", "2750", "AnnualCrop/AnnualCrop_1.jpg", (), "split_zhou_EuroSAT.json",
+        lambda ds, d, rng: _folders_split(ds, d, rng, renames=EUROSAT_RENAMES),
+        "https://github.com/phelber/eurosat (EuroSAT RGB zip)", ("EuroSAT", "eurosat")),
+    "ucf101": _Spec(
+        "ucf101", "UCF-101-midframes", "Apply_Eye_Makeup/v_ApplyEyeMakeup_g01_c01.jpg",
+        ("ucfTrainTestlist/classInd.txt, trainlist01.txt, testlist01.txt",), "split_zhou_UCF101.json", _ucf101_split,
+        "UCF-101-midframes.zip via CoOp's DATASETS.md; ucfTrainTestlist from https://www.crcv.ucf.edu/data/UCF101.php"),
+    "imagenet": _Spec(
+        "imagenet", "images", "train/n01440764/n01440764_10026.JPEG",
+        ("images/val/n01440764/ILSVRC2012_val_00000293.JPEG ...", "classnames.txt  ('n01440764 tench' per line)"),
+        None, _imagenet_split, "https://image-net.org/ (ILSVRC2012 train, and val sorted into <wnid>/ folders)"),
+    "imagenetv2": _Spec(
+        "imagenetv2", "imagenetv2-matched-frequency-format-val", "0/<id>.jpeg (folders 0..999)", _CLASSNAMES, None,
+        _variant_split, "https://github.com/modestyachts/ImageNetV2 (matched-frequency)"),
+    "imagenet_sketch": _Spec("imagenet-sketch", "images", "n01440764/sketch_0.JPEG", _CLASSNAMES, None,
+                             _variant_split, "https://github.com/HaohanWang/ImageNet-Sketch"),
+    "imagenet_a": _Spec("imagenet-adversarial", "imagenet-a", "n01498041/<id>.jpg (200 classes)", _CLASSNAMES,
+                        None, _variant_split, "https://github.com/hendrycks/natural-adv-examples"),
+    "imagenet_r": _Spec("imagenet-rendition", "imagenet-r", "n01443537/<id>.jpg (200 classes)", _CLASSNAMES,
+                        None, _variant_split, "https://github.com/hendrycks/imagenet-r"),
 }
 IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
@@ -561,7 +563,7 @@ def _missing(name: str, root: Path, what: str) -> FileNotFoundError:
     hint = " Or pass download=True (--download): torchvision fetches it." if spec.torchvision else ""
     return FileNotFoundError(
         f"{name}: {what}.\nGet it from {spec.source}; CoOp's instructions and split files: "
-        f"{COOP_DATASETS_MD}.{hint}\nExpected layout under {root}:\n{spec.layout}")
+        f"{COOP_DATASETS_MD}.{hint}\nExpected layout under {root}:\n{spec.layout()}")
 
 
 def _read_split_json(path: Path, image_dir: Path):
