@@ -20,6 +20,7 @@ def blocks(path: Path) -> dict:
         end = text.find("\n" + END, match.end())
         assert end != -1, f"{path.name}: block {match.group(1)!r} has no end marker"
         assert match.group(1) not in found, f"{path.name}: block {match.group(1)!r} appears twice"
+        assert "# ==== shared block:" not in text[match.end():end], f"{path.name}: block {match.group(1)!r} has no end marker"
         found[match.group(1)] = text[match.end():end]
     return found
 
@@ -39,9 +40,24 @@ def test_each_method_file_has_every_block(path):
         assert found[name].strip(), f"{path.name}: block {name!r} is empty"
 
 
-@pytest.mark.parametrize("name", BLOCKS)
-def test_blocks_are_identical_across_method_files(name):
-    texts = {path.name: blocks(path).get(name) for path in PRESENT}
-    reference = texts["coop.py"]
-    for file, text in texts.items():
-        assert text == reference, f"shared block {name!r} in {file} differs from coop.py's"
+def differences(paths) -> list:
+    """(block, file) pairs whose text differs from the first file's."""
+    found = {path.name: blocks(path) for path in paths}
+    first = found[paths[0].name]
+    return [(name, file) for name in BLOCKS for file, b in found.items() if b.get(name) != first.get(name)]
+
+
+def test_blocks_are_identical_across_method_files():
+    assert differences(PRESENT) == []
+
+
+def test_a_drifted_or_unmarked_copy_is_caught(tmp_path):
+    """The check itself: a one-character edit in a copy's block, or a lost marker, is reported."""
+    text = (ROOT / "coop.py").read_text()
+    body = blocks(ROOT / "coop.py")["text encoder"]
+    drifted, unmarked = tmp_path / "promptsrc.py", tmp_path / "vprompt.py"
+    drifted.write_text(text.replace(body, body.replace("ln_final(x)", "ln_final(x + 0)"), 1))
+    unmarked.write_text(text.replace(END, "# end", 1))
+    assert differences([ROOT / "coop.py", drifted]) == [("text encoder", "promptsrc.py")]
+    with pytest.raises(AssertionError, match="no end marker"):
+        blocks(unmarked)
