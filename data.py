@@ -1169,8 +1169,8 @@ def _cmd_pretrain(argv) -> None:
 
 
 def append_result(path, record: dict) -> None:
-    """Append one run as one JSON line. Expected keys: method, dataset, backbone, shots, seed,
-    base, new, hm (accuracies in %, new/hm None for all-class runs), wall_s. One os.write on an
+    """Append one run as one JSON line. The table reads: method, dataset, backbone, pretrained,
+    shots, seed, base, new (accuracies in %, new None for all-class runs); wall_s and more may follow. One os.write on an
     O_APPEND descriptor, so parallel runs appending to one file do not interleave lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

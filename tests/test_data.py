@@ -450,3 +450,26 @@ def test_download_lays_torchvision_files_out_as_coop(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "eurosat")) == ["2750"]  # archives removed
     with pytest.raises(FileNotFoundError, match="torchvision cannot download"):
         data.load_dataset("sun397", tmp_path, download=True)
+
+
+def test_stanford_cars_devkit_mat_files(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    import numpy as np
+    ds = tmp_path / "stanford_cars"
+    meta = np.empty((1, 2), dtype=object)
+    meta[0, 0], meta[0, 1] = np.array(["AM General Hummer SUV 2000"]), np.array(["Acura RL Sedan 2012"])
+    (ds / "devkit").mkdir(parents=True)
+    scipy_io.savemat(ds / "devkit" / "cars_meta.mat", {"class_names": meta})
+
+    def annotations(folder, n):
+        rows = np.zeros((1, n), dtype=[("fname", object), ("class", object)])
+        for i in range(n):
+            rows[0, i] = (np.array([f"{i:05d}.jpg"]), np.array([[i % 2 + 1]]))
+            jpeg(ds / folder / f"{i:05d}.jpg")
+        return {"annotations": rows}
+    scipy_io.savemat(ds / "devkit" / "cars_train_annos.mat", annotations("cars_train", 10))
+    scipy_io.savemat(ds / "cars_test_annos_withlabels.mat", annotations("cars_test", 4))
+    bench = data.load_dataset("stanford_cars", tmp_path)
+    assert bench.classnames == ["2000 AM General Hummer SUV", "2012 Acura RL Sedan"]
+    assert (len(bench.train), len(bench.val), len(bench.test)) == (8, 2, 4)
+    assert bench.test[1] == (str(ds / "cars_test" / "00001.jpg"), 1, "2012 Acura RL Sedan")
