@@ -257,6 +257,16 @@ def test_fewshot_short_classes_bad_shots_and_cache(tmp_path):
         data.fewshot(items, 4, seed=2, cache=cache)
 
 
+def test_shift_items_relabels_and_resolves_repeated_names():
+    names = ["crane", "tench", "goldfish", "crane"]  # ImageNet's list repeats a name
+    items = [data.Item(f"{i}.jpg", i, n) for i, n in enumerate(names)]
+    assert data.shift_items(items, names[:2]) == [("0.jpg", 0, "crane"), ("1.jpg", 1, "tench")]  # base
+    assert data.shift_items(items, names[2:]) == [("2.jpg", 0, "goldfish"), ("3.jpg", 1, "crane")]  # new
+    assert data.shift_items(items, ["goldfish", "tench"]) == [("1.jpg", 1, "tench"), ("2.jpg", 0, "goldfish")]
+    with pytest.raises(ValueError, match="repeated"):
+        data.shift_items(items, ["goldfish", "tench", "crane"])  # no single offset: which crane?
+
+
 def test_base_new_split():
     names = [f"class{c}" for c in range(5)]
     items = items_per_class([2] * 5)
