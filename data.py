@@ -725,8 +725,10 @@ def shift_items(items: list, classnames: list) -> list:
         elif len(offsets) != 1:
             raise ValueError(f"class name {name!r} is repeated and the label spaces do not line up: "
                              f"cannot relabel {source}")
-        elif 0 <= label - min(offsets) < len(classnames) and classnames[label - min(offsets)] == name:
-            out.append(Item(source, label - min(offsets), name))
+        else:
+            (offset,) = offsets
+            if 0 <= label - offset < len(classnames) and classnames[label - offset] == name:
+                out.append(Item(source, label - offset, name))
     return out
 
 
