@@ -805,33 +805,56 @@ def world_combo_split():
     return base + new, heldout
 
 
-def _shape_masks(u, v):
-    """u, v: [n, H, W] shape-local coordinates (radius 1, v pointing up) -> [n, 8, H, W] bool."""
-    rho, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
-
-    def polygon(k, apothem, phase):  # regular k-gon as the intersection of k half-planes
+def _shape_mask(shape, u, v):
+    """Shape `shape` (index into WORLD_SHAPES) in shape-local coordinates u, v ([n, H, W], radius 1,
+    v pointing up) -> [n, H, W] bool."""
+    name = WORLD_SHAPES[shape]
+    if name in ("triangle", "hexagon"):  # a regular k-gon: the intersection of k half-planes
+        k, apothem, phase = (3, 0.5, -math.pi / 2) if name == "triangle" else (6, 0.87, 0.0)
         angles = phase + torch.arange(k) * (2 * math.pi / k)
-        proj = u[..., None] * torch.cos(angles) + v[..., None] * torch.sin(angles)
-        return (proj <= apothem).all(-1)
+        return (u[..., None] * torch.cos(angles) + v[..., None] * torch.sin(angles) <= apothem).all(-1)
+    if name == "circle":
+        return u * u + v * v <= 1.0
+    if name == "square":
+        return (u.abs() <= 0.8) & (v.abs() <= 0.8)
+    if name == "star":  # 5 points, one pointing up: radius follows a triangle wave in the angle
+        phase = ((torch.atan2(v, u) - math.pi / 2) * 5 / (2 * math.pi)) % 1.0
+        return torch.sqrt(u * u + v * v) <= 0.42 + 0.58 * (1 - 2 * torch.minimum(phase, 1 - phase))
+    if name == "cross":
+        return ((u.abs() <= 0.3) & (v.abs() <= 0.95)) | ((v.abs() <= 0.3) & (u.abs() <= 0.95))
+    if name == "heart":  # the curve (x^2 + y^2 - 1)^3 <= x^2 y^3, scaled and lifted to fit radius 1
+        x, y = u * 1.25, v * 1.25 + 0.25
+        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+    return u.abs() + v.abs() <= 1.0  # diamond
 
-    star_phase = ((theta - math.pi / 2) * 5 / (2 * math.pi)) % 1.0  # 5 points, one pointing up
-    star_r = 0.42 + 0.58 * (1 - 2 * torch.minimum(star_phase, 1 - star_phase))
-    hx, hy = u * 1.25, v * 1.25 + 0.25  # the heart curve (x^2 + y^2 - 1)^3 <= x^2 y^3
-    return torch.stack([
-        rho <= 1.0,                                                          # circle
-        (u.abs() <= 0.8) & (v.abs() <= 0.8),                                 # square
-        polygon(3, 0.5, -math.pi / 2),                                       # triangle, tip up
-        rho <= star_r,                                                       # star
-        ((u.abs() <= 0.3) & (v.abs() <= 0.95)) | ((v.abs() <= 0.3) & (u.abs() <= 0.95)),  # cross
-        (hx * hx + hy * hy - 1) ** 3 - hx * hx * hy ** 3 <= 0,               # heart
-        polygon(6, 0.87, 0.0),                                               # hexagon
-        u.abs() + v.abs() <= 1.0,                                            # diamond
-    ], dim=1)
+
+def _shape_masks(shape, u, v):
+    """Per-image shape index [n] -> [n, H, W] float masks (each shape computed for its images only)."""
+    mask = torch.zeros(u.shape)
+    for s in shape.unique().tolist():
+        pick = shape == s
+        mask[pick] = _shape_mask(s, u[pick], v[pick]).float()
+    return mask
 
 
 def _hsv_to_rgb(h, s, v):  # all [n] in [0, 1] -> [n, 3]
     k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], -1)
     return v[:, None] - (v * s)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def _texture(name, x, y, along, freq):
+    """Background texture in [0, 1] ([n, H, W]) from pixel coordinates, the coordinate along a
+    random direction, and a random frequency."""
+    if name == "plain":
+        return torch.zeros_like(x)
+    if name == "striped":
+        return (torch.sin(along * freq * 2) > 0).float()
+    if name == "gradient":
+        return (along + 1) / 2
+    gx, gy = (x + 1) * freq / 2, (y + 1) * freq / 2
+    if name == "checkered":
+        return (gx.floor() + gy.floor()) % 2
+    return ((gx - gx.floor() - 0.5) ** 2 + (gy - gy.floor() - 0.5) ** 2 < 0.08).float()  # dotted
 
 
 def world_render(colour, shape, size, background, style, gen, res=32):
@@ -853,11 +876,10 @@ def world_render(colour, shape, size, background, style, gen, res=32):
     ang = (rnd(n) * math.pi)[:, None, None]
     along = x * torch.cos(ang) + y * torch.sin(ang)
     freq = (4 + 6 * rnd(n))[:, None, None]
-    gx, gy = (x + 1) * freq / 2, (y + 1) * freq / 2
-    dots = ((gx - gx.floor() - 0.5) ** 2 + (gy - gy.floor() - 0.5) ** 2 < 0.08).float()
-    textures = torch.stack([torch.zeros_like(x), (torch.sin(along * freq * 2) > 0).float(),
-                            ((gx.floor() + gy.floor()) % 2), dots, (along + 1) / 2], 1)
-    t = textures.gather(1, background.view(n, 1, 1, 1).expand(n, 1, hi, hi))  # [n, 1, hi, hi]
+    t = torch.zeros(n, 1, hi, hi)
+    for b in background.unique().tolist():  # each texture computed for its own images only
+        k = background == b
+        t[k, 0] = _texture(WORLD_BACKGROUNDS[b], x[k], y[k], along[k], freq[k])
     img = c1[:, :, None, None] * (1 - t) + c2[:, :, None, None] * t
     if style == "vivid":  # unseen saturated blotches replace the dull texture
         img = torch.zeros(n, 3, hi, hi)
@@ -878,10 +900,9 @@ def world_render(colour, shape, size, background, style, gen, res=32):
     cos, sin = torch.cos(rot)[:, None, None], torch.sin(rot)[:, None, None]
     u = (dx * cos + dy * sin) / radius[:, None, None]
     v = (-dx * sin + dy * cos) / radius[:, None, None]
-    pick = shape.view(n, 1, 1, 1).expand(n, 1, hi, hi)
-    mask = _shape_masks(u, v).gather(1, pick)[:, 0].float()  # [n, hi, hi]
+    mask = _shape_masks(shape, u, v)  # [n, hi, hi]
     if style == "outline":  # keep a rim: the shape minus a shrunk copy of itself
-        mask = mask * (1 - _shape_masks(u / 0.62, v / 0.62).gather(1, pick)[:, 0].float())
+        mask = mask * (1 - _shape_masks(shape, u / 0.62, v / 0.62))
     fill = (WORLD_RGB[colour] + (rnd(n, 3) - 0.5) * 0.12).clamp(0, 1)  # [n, 3]
     img = img * (1 - mask[:, None]) + fill[:, :, None, None] * mask[:, None]
 
