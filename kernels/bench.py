@@ -33,6 +33,8 @@ def parse_args():
                    help="proreg: adaptive-weight loss (alpha=1); promptsrc: CE + KL/(B*C) at T=1")
     p.add_argument("--temperature", type=float, default=1.0, help="KL temperature (proreg mode)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time fused and eager inside a CUDA graph (device time, without host launch cost)")
     return p.parse_args()
 
 
@@ -80,6 +82,9 @@ def main(args):
     import triton.testing
     from kernels.kl_ce import _kl_ce_kernel_tuned
     bw = copy_bandwidth_gbs()
+    if args.cuda_graph:
+        graph_bench(Bs, Cs, dtype, fused, ref, bw)
+        return
     print(f"device: {torch.cuda.get_device_name()}, triton {triton.__version__}, "
           f"measured copy bandwidth {bw:.0f} GB/s")
     head = (f"{'B':>5} {'C':>6} | {'fused ms':>9} {'eager ms':>9} {'compile ms':>10} | {'x eager':>7} "
@@ -109,6 +114,29 @@ def main(args):
             print(f"{B:>5} {C:>6} | {ms:>9.4f} {ms_eager:>9.4f} {ms_comp:>10.4f} | "
                   f"{ms_eager / ms:>7.2f} {ms_comp / ms:>9.2f} | {gbs:>6.0f} {100 * gbs / bw:>5.1f}% | "
                   f"{err:>11.2e} {cfg}", flush=True)
+
+
+def graph_bench(Bs, Cs, dtype, fused, ref, bw):
+    import triton.testing
+    print("fwd+bwd steps captured in one CUDA graph and replayed (triton.testing.do_bench_cudagraph, "
+          "median): device time without host launch cost; no L2 flush, so small shapes run from L2")
+    head = f"{'B':>5} {'C':>6} | {'fused ms':>9} {'eager ms':>9} | {'x eager':>7} | {'GB/s':>6} {'% copy':>6}"
+    print(head)
+    print("-" * len(head))
+    for B in Bs:
+        for C in Cs:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            s = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype).requires_grad_()
+            t = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype)
+            y = torch.randint(0, C, (B,), device="cuda", generator=g)
+            step, eager = fwd_bwd(fused, s, t, y), fwd_bwd(ref, s, t, y)
+            step(), eager()  # tune and warm up outside the capture
+            ms = triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
+            ms_eager = triton.testing.do_bench_cudagraph(eager, rep=100, return_mode="median")
+            nbytes = B * C * (2 * s.element_size() + t.element_size()) + B * y.element_size()
+            gbs = nbytes / ms / 1e6
+            print(f"{B:>5} {C:>6} | {ms:>9.4f} {ms_eager:>9.4f} | {ms_eager / ms:>7.2f} | {gbs:>6.0f} "
+                  f"{100 * gbs / bw:>5.1f}%", flush=True)
 
 
 def cpu_bench(Bs, Cs, dtype, ref, compiled, repeats=5):

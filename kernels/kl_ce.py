@@ -16,7 +16,8 @@ One program per row makes two passes over C in chunks of BLOCK: pass 1 keeps onl
 maxima and rescaled sums (fp32) for s/T, t/T and, where needed, s and t at T = 1; pass 2 writes the
 gradient w.r.t. the student (already scaled by 1/B) into a fresh buffer. The caller's logits are never
 written. Backward only multiplies that buffer by the upstream gradient, and skips even that when the
-upstream gradient is 1 (decided on the device, no host sync). The teacher gets no gradient.
+upstream gradient is 1 (decided on the device, no host sync; small gradients are scaled by one torch
+op instead, cheaper on the host). The teacher gets no gradient.
 
 Order of this file: Triton kernels, autograd.Function and wrappers, PyTorch reference.
 """
@@ -293,6 +294,10 @@ def _check_inputs(student, teacher, labels, temperature, need_labels, check_labe
     return temperature
 
 
+_TUNED: dict = {}  # (B, C, dtypes, flags) -> (BLOCK, num_warps) chosen by the autotuner
+SCALE_IN_KERNEL_MIN = 1 << 20  # gradients with fewer elements are scaled by torch in backward
+
+
 class KLCELoss(torch.autograd.Function):
     """loss = sum_i (a_i ce_i + b_i T^2 kl_i) / B; returns (loss, ce, kl, w), only loss differentiable."""
 
@@ -314,7 +319,14 @@ class KLCELoss(torch.autograd.Function):
         flags = dict(HAS_CE=has_ce, ADAPTIVE=adaptive, DETACH_W=detach_weight, SOFT_CE=soft_ce,
                      UNIT_T=temperature == 1.0, WRITE_GRAD=write_grad)
         if block is None and student.is_cuda and not INTERPRETED:
-            _kl_ce_kernel_tuned[(B,)](*args, **flags)
+            key = (B, C, student.dtype, teacher.dtype, *flags.values())
+            tuned = _TUNED.get(key)
+            if tuned is None:  # first call of this shape: autotune, then launch the plain kernel
+                _kl_ce_kernel_tuned[(B,)](*args, **flags)
+                cfg = _kl_ce_kernel_tuned.best_config
+                _TUNED[key] = (cfg.kwargs["BLOCK"], cfg.num_warps)
+            else:  # the autotuner's own dispatch costs host time on every call; skip it
+                _kl_ce_kernel[(B,)](*args, **flags, BLOCK=tuned[0], num_warps=tuned[1])
         else:
             d_block, d_warps = _default_launch(C)
             _kl_ce_kernel[(B,)](*args, **flags, BLOCK=block or d_block, num_warps=num_warps or d_warps)
@@ -332,9 +344,12 @@ class KLCELoss(torch.autograd.Function):
                                "so retain_graph=True is not supported")
         ctx.grad = None
         n = grad.numel()
-        block = 4096
-        _scale_by_upstream_kernel[(triton.cdiv(n, block),)](grad, grad_loss.reshape(()).contiguous(), n,
-                                                            BLOCK=block, num_warps=8)
+        if n < SCALE_IN_KERNEL_MIN:  # small: one torch op costs less host time than a Triton launch
+            grad.mul_(grad_loss)
+        else:  # large: skip the extra read/write pass when the upstream gradient is 1
+            block = 4096
+            _scale_by_upstream_kernel[(triton.cdiv(n, block),)](grad, grad_loss.reshape(()).contiguous(),
+                                                                n, BLOCK=block, num_warps=8)
         return grad, *([None] * 11)
 
 

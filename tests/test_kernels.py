@@ -136,7 +136,10 @@ def test_extreme_class_counts(C):
 # fused CE + KL: behaviour of the wrapper
 # ------------------------------------------------------------------------------------------------
 @needs_kernels
-def test_upstream_gradient_and_inputs_untouched():
+@pytest.mark.parametrize("scale_in_kernel", [False, True])
+def test_upstream_gradient_and_inputs_untouched(scale_in_kernel, monkeypatch):
+    if scale_in_kernel:  # the Triton path of backward, normally taken only for large gradients
+        monkeypatch.setattr(kernels.kl_ce, "SCALE_IN_KERNEL_MIN", 0)
     s, t, y = make_logits(6, 33, seed=4, dtype=torch.float16)
     s0, t0 = s.clone(), t.clone()
     for upstream in (1.0, -2.5):
