@@ -576,8 +576,8 @@ def _missing(name: str, root: Path, what: str) -> FileNotFoundError:
 
 def _read_split_json(path: Path, image_dir: Path):
     """split_zhou JSON: {"train"|"val"|"test": [[relative path, label, classname], ...]}."""
-    data = json.loads(path.read_text())
-    return tuple([Item(str(image_dir / rel), int(label), name) for rel, label, name in data[s]]
+    split = json.loads(path.read_text())
+    return tuple([Item(str(image_dir / rel), int(label), name) for rel, label, name in split[s]]
                  for s in ("train", "val", "test"))
 
 
@@ -665,8 +665,9 @@ def load_dataset(name: str, root, download: bool = False) -> Benchmark:
         label_of = {Path(it.source).parent.name: it.label for it in train}  # ImageNet's <wnid> folders
         for variant in IMAGENET_VARIANTS:
             if (root / DATASETS[variant].folder / DATASETS[variant].image_dir).is_dir():
-                shifts[variant] = [Item(s, label_of[w], classnames[label_of[w]])
-                                   for s, _, _ in _read_dataset(variant, root)[2] for w in [_wnid(s, wnids)]]
+                items = _read_dataset(variant, root)[2]
+                labels = [label_of[_wnid(it.source, wnids)] for it in items]
+                shifts[variant] = [Item(it.source, y, classnames[y]) for it, y in zip(items, labels)]
     return Benchmark(name, classnames, train, val, test, CUSTOM_TEMPLATES[name], shifts, open_rgb, augment=True)
 
 
