@@ -314,13 +314,14 @@ TEST_MODEL = "nanoprompt-test-clip"
 
 
 @pytest.fixture(scope="module")
-def small_config():
-    from open_clip import factory
+def small_config(tmp_path_factory):
+    import open_clip
     cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16, head_width=32),
                text_cfg=dict(context_length=20, vocab_size=49408, width=32, heads=2, layers=1))
-    factory._MODEL_CONFIGS[TEST_MODEL] = cfg  # open_clip's registry (add_model_config needs a file)
-    yield cfg
-    factory._MODEL_CONFIGS.pop(TEST_MODEL, None)
+    path = tmp_path_factory.mktemp("configs") / f"{TEST_MODEL}.json"  # the file name is the model name
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return cfg
 
 
 def test_load_backbone_random_init_is_frozen_and_tokenizes(small_config):
