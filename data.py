@@ -1250,35 +1250,55 @@ def _mean_std(values: list) -> str:
     return f"{statistics.fmean(values):.2f} ± {std:.2f}"
 
 
+def _zero_shot_records(records: list) -> list:
+    """The zero-shot CLIP numbers that method runs record beside their own, as rows of their own
+    (method 'zero-shot', 0 shots), once per (dataset, backbone, tag, seed)."""
+    out, seen = [], set()
+    for r in records:
+        key = (r["dataset"], r["backbone"], r.get("pretrained"), r.get("seed"))
+        if r.get("zero_shot") and key not in seen:
+            seen.add(key)
+            zs = r["zero_shot"]
+            out.append({**{k: r.get(k) for k in ("dataset", "backbone", "pretrained", "seed")},
+                        "method": "zero-shot", "shots": 0, "base": zs.get("base"), "new": zs.get("new"),
+                        "shifts": {k: v for k, v in zs.items() if k not in ("base", "new", "hm")}})
+    return out
+
+
 def results_table(records: list) -> str:
-    """Markdown table: mean ± std over seeds per (method, dataset, backbone/tag, shots). HM is the HM
-    of the mean base and mean new accuracies, and each 'average' row takes the HM of the averaged
+    """Markdown table: mean ± std over seeds per (method, dataset, backbone/tag, shots), with a
+    zero-shot row from the runs' own zero-shot numbers and one column per shifted test set. HM is the
+    HM of the mean base and mean new accuracies, and each 'average' row takes the HM of the averaged
     base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
+    records = list(records) + _zero_shot_records(records)
+    shifts = list(dict.fromkeys(s for r in records for s in (r.get("shifts") or {})))
     groups = defaultdict(list)
     for r in records:
         backbone = f"{r['backbone']}/{r['pretrained']}" if r.get("pretrained") else r["backbone"]
         groups[(r["method"], r["dataset"], backbone, r["shots"])].append(r)
-    rows = ["| method | dataset | backbone | shots | seeds | base | new | HM |", "|---|---|---|---|---|---|---|---|"]
+    head = ["method", "dataset", "backbone", "shots", "seeds", "base", "new", "HM", *shifts]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     averages = defaultdict(list)
 
-    def row(key, seeds, base, new, base_cell, new_cell):
+    def row(key, seeds, base, new, base_cell, new_cell, shift_cells):
         hm = f"{harmonic_mean(base, new):.2f}" if base is not None and new is not None else "-"
-        rows.append("| " + " | ".join(map(str, (*key, seeds, base_cell, new_cell, hm))) + " |")
+        rows.append("| " + " | ".join(map(str, (*key, seeds, base_cell, new_cell, hm, *shift_cells))) + " |")
 
     for (method, dataset, backbone, shots), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         base = [r["base"] for r in runs if r.get("base") is not None]
         new = [r["new"] for r in runs if r.get("new") is not None]
         mb = statistics.fmean(base) if base else None
         mn = statistics.fmean(new) if new else None
+        shift_cells = [_mean_std([r["shifts"][s] for r in runs if s in (r.get("shifts") or {})]) for s in shifts]
         row((method, dataset, backbone, shots), len({r.get("seed") for r in runs}), mb, mn,
-            _mean_std(base), _mean_std(new))
+            _mean_std(base), _mean_std(new), shift_cells)
         averages[(method, backbone, shots)].append((mb, mn))
     for (method, backbone, shots), means in sorted(averages.items(), key=lambda kv: tuple(map(str, kv[0]))):
         if len(means) > 1 and all(b is not None for b, _ in means):
             mb = statistics.fmean(b for b, _ in means)
             mn = statistics.fmean(n for _, n in means) if all(n is not None for _, n in means) else None
             row((method, f"average ({len(means)})", backbone, shots), "", mb, mn,
-                f"{mb:.2f}", "-" if mn is None else f"{mn:.2f}")
+                f"{mb:.2f}", "-" if mn is None else f"{mn:.2f}", ["-"] * len(shifts))
     return "\n".join(rows)
 
 

@@ -389,6 +389,19 @@ def test_results_table(tmp_path, capsys):
         data.main(["nonsense"])
 
 
+def test_results_table_zero_shot_row_and_shift_columns():
+    records = [dict(method="coop", dataset="shapes", backbone="tiny", pretrained="shapes", shots=16, seed=s,
+                    base=b, new=n, hm=0, shifts={"photo": p}, wall_s=1.0,
+                    zero_shot={"base": 40.0, "new": 50.0, "hm": 44.44, "photo": 90.0})
+               for s, b, n, p in [(1, 60.0, 40.0, 70.0), (2, 62.0, 42.0, 72.0)]]
+    lines = data.results_table(records).splitlines()
+    assert lines[0] == "| method | dataset | backbone | shots | seeds | base | new | HM | photo |"
+    assert "| coop | shapes | tiny/shapes | 16 | 2 | 61.00 ± 1.41 | 41.00 ± 1.41 | 49.04 | 71.00 ± 1.41 |" in lines
+    # zero-shot once per seed (not once per method run), from the runs' own zero-shot numbers
+    assert "| zero-shot | shapes | tiny/shapes | 0 | 2 | 40.00 ± 0.00 | 50.00 ± 0.00 | 44.44 | 90.00 ± 0.00 |" in lines
+    assert len(lines) == 4
+
+
 # ------------------------------------------------------------------------------------------------
 # more layouts: list-file datasets, .mat datasets, torchvision downloads
 # ------------------------------------------------------------------------------------------------
