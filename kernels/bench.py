@@ -33,6 +33,8 @@ def parse_args():
                    help="proreg: adaptive-weight loss (alpha=1); promptsrc: CE + KL/(B*C) at T=1")
     p.add_argument("--temperature", type=float, default=1.0, help="KL temperature (proreg mode)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--pass2-variants", action="store_true",
+                   help="with --cuda-graph: time each pass-2 order / eviction-hint variant (kl_ce.PASS2_ORDER)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time fused and eager inside a CUDA graph (device time, without host launch cost)")
     return p.parse_args()
@@ -82,6 +84,18 @@ def main(args):
     import triton.testing
     from kernels.kl_ce import _kl_ce_kernel_tuned
     bw = copy_bandwidth_gbs()
+    if args.cuda_graph and args.pass2_variants:
+        import kernels.kl_ce as kl_ce
+        tuner = kl_ce._kl_ce_kernel_tuned  # the configs that won at C = 32000 before, to keep tuning short
+        tuner.configs = [c for c in tuner.configs if c.kwargs["BLOCK"] in (4096, 8192) and c.num_warps >= 8]
+        for rev in (False, True):
+            for ev in (("", ""), ("evict_last", "evict_first")):
+                kl_ce.PASS2_ORDER = dict(REVERSE=rev, EVICT1=ev[0], EVICT2=ev[1])
+                kl_ce._TUNED.clear()
+                kl_ce._kl_ce_kernel_tuned.cache.clear()  # tune each variant afresh
+                print(f"PASS2_ORDER = {kl_ce.PASS2_ORDER}")
+                graph_bench(Bs, Cs, dtype, fused, ref, bw)
+        return
     if args.cuda_graph:
         graph_bench(Bs, Cs, dtype, fused, ref, bw)
         return

@@ -55,6 +55,7 @@ if HAS_TRITON:
         inv_t, temp, temp_sq, ce_weight, kl_weight, alpha, inv_b,
         HAS_CE: tl.constexpr, ADAPTIVE: tl.constexpr, DETACH_W: tl.constexpr, SOFT_CE: tl.constexpr,
         UNIT_T: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+        REVERSE: tl.constexpr, EVICT1: tl.constexpr, EVICT2: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 at B*C > 2^31
         s_row = s_ptr + row * s_stride
@@ -74,8 +75,10 @@ if HAS_TRITON:
         for start in range(0, C, BLOCK):
             cols = start + offs
             mask = cols < C
-            s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            s = tl.load(s_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=EVICT1).to(tl.float32)
+            t = tl.load(t_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=EVICT1).to(tl.float32)
             if UNIT_T:
                 sq = s
                 tp = t
@@ -171,12 +174,17 @@ if HAS_TRITON:
                 k_q = k_ce + k_kl
             else:
                 k_q = k_kl
-            for start in range(0, C, BLOCK):
+            n_chunks = tl.cdiv(C, BLOCK)
+            for i in range(0, n_chunks):
+                # REVERSE: the chunks pass 1 read last are the likeliest still in L2
+                start = (n_chunks - 1 - i) * BLOCK if REVERSE else i * BLOCK
                 cols = start + offs
                 mask = cols < C
                 # -inf on masked lanes: q = p = 0 there, nothing overflows before the masked store
-                s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                s = tl.load(s_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=EVICT2).to(tl.float32)
+                t = tl.load(t_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=EVICT2).to(tl.float32)
                 if UNIT_T:
                     q = tl.exp(s - lse_q)
                     p = tl.exp(t - lse_p)
@@ -296,6 +304,9 @@ def _check_inputs(student, teacher, labels, temperature, need_labels, check_labe
 
 _TUNED: dict = {}  # (B, C, dtypes, flags) -> (BLOCK, num_warps) chosen by the autotuner
 SCALE_IN_KERNEL_MIN = 1 << 20  # gradients with fewer elements are scaled by torch in backward
+# How pass 2 re-reads the row: chunk order and L2 eviction hints for the two passes' loads. A row of
+# C = 32000 fp32 logits (s and t: 256 KB) may or may not still sit in L2 when pass 2 reads it again.
+PASS2_ORDER = dict(REVERSE=True, EVICT1="evict_last", EVICT2="evict_first")
 
 
 class KLCELoss(torch.autograd.Function):
@@ -317,7 +328,7 @@ class KLCELoss(torch.autograd.Function):
                 grad.stride(0), 1.0 / temperature, temperature, temperature * temperature,
                 float(ce_weight), float(kl_weight), float(alpha), 1.0 / B)
         flags = dict(HAS_CE=has_ce, ADAPTIVE=adaptive, DETACH_W=detach_weight, SOFT_CE=soft_ce,
-                     UNIT_T=temperature == 1.0, WRITE_GRAD=write_grad)
+                     UNIT_T=temperature == 1.0, WRITE_GRAD=write_grad, **PASS2_ORDER)
         if block is None and student.is_cuda and not INTERPRETED:
             key = (B, C, student.dtype, teacher.dtype, *flags.values())
             tuned = _TUNED.get(key)

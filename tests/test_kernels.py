@@ -124,6 +124,18 @@ def test_multi_chunk_rising_maximum(T, adaptive):
 
 
 @needs_kernels
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("evict", [("", ""), ("evict_last", "evict_first")])
+def test_pass2_order_variants(reverse, evict, monkeypatch):
+    monkeypatch.setattr(kernels.kl_ce, "PASS2_ORDER", dict(REVERSE=reverse, EVICT1=evict[0], EVICT2=evict[1]))
+    monkeypatch.setattr(kernels.kl_ce, "_TUNED", {})
+    s, t, y = make_logits(3, 70, seed=11, scale=6.0, margin=4.0)
+    mine, ref = run_both(s, t, y, temperature=1.7, adaptive=True, detach_weight=False, kl_form="kl",
+                         ce_weight=0.0, kl_weight=0.0, alpha=1.2, block=16)
+    assert_matches(mine, ref, dtype=torch.float32, scale=6.0, T=1.7, weight=1.2 + 6)
+
+
+@needs_kernels
 @pytest.mark.parametrize("C", [2, 50_000])
 def test_extreme_class_counts(C):
     s, t, y = make_logits(2, C, seed=3, scale=4.0, margin=5.0, dtype=torch.bfloat16)
