@@ -325,7 +325,7 @@ class KLCELoss(torch.autograd.Function):
         write_grad = ctx.needs_input_grad[0]
         grad = torch.empty((B, C), dtype=student.dtype, device=student.device) if write_grad else student
         stats = torch.empty((4, B), dtype=torch.float32, device=student.device)
-        y = labels if has_ce else stats  # unused pointer when there is no CE
+        y = labels.contiguous() if has_ce else stats  # [B], read at y_ptr + row; unused without CE
         args = (student, teacher, y, grad, stats, B, C, student.stride(0), teacher.stride(0),
                 grad.stride(0), 1.0 / temperature, temperature, temperature * temperature,
                 float(ce_weight), float(kl_weight), float(alpha), 1.0 / B)

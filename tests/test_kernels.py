@@ -168,8 +168,9 @@ def test_strided_rows_and_columns():
     s, t, y = make_logits(5, 40, seed=5)
     wide = torch.cat([s, torch.randn_like(s)], 1)[:, :40]        # row stride 80
     transposed = t.t().contiguous().t()                           # column stride != 1: copied
+    y_strided = torch.stack([y, torch.zeros_like(y)], 1)[:, 0]    # label stride 2: copied
     a = wide.clone().requires_grad_()
-    g_mine = torch.autograd.grad(proreg_loss(a[:, :40], transposed, y, alpha=1.0), a)[0]
+    g_mine = torch.autograd.grad(proreg_loss(a[:, :40], transposed, y_strided, alpha=1.0), a)[0]
     b = wide.clone().requires_grad_()
     g_ref = torch.autograd.grad(proreg_loss_reference(b[:, :40], t, y, alpha=1.0), b)[0]
     torch.testing.assert_close(g_mine, g_ref, atol=1e-6, rtol=1e-5)
