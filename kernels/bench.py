@@ -34,7 +34,8 @@ def parse_args():
     p.add_argument("--temperature", type=float, default=1.0, help="KL temperature (proreg mode)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--pass2-variants", action="store_true",
-                   help="with --cuda-graph: time each pass-2 order / eviction-hint variant (kl_ce.PASS2_ORDER)")
+                   help="with --cuda-graph: time each pass-2 order and eviction-hint variant "
+                        "(kl_ce.PASS2_ORDER)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time fused and eager inside a CUDA graph (device time, without host launch cost)")
     return p.parse_args()
