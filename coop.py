@@ -342,7 +342,7 @@ def main(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    loader_generator = torch.Generator().manual_seed(args.seed)  # data.make_loader seeds its own from args.seed
+    loader_generator = torch.Generator().manual_seed(args.seed)  # shuffling of cached features (make_loader seeds its own)
 
     out = Path(args.resume if args.eval_only else args.output_dir or
                f"runs/{method}-{args.dataset}-{args.shots}shot-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -390,14 +390,16 @@ def main(args):
                   f"speed-up {r['speedup']:.2f}x (text context {clip.positional_embedding.shape[0]}, "
                   f"longest prompt {int(model.prompt_learner.eot.max()) + 1} tokens)")
             return r
-        for epoch in range(args.epochs):
+        epochs_bar = tqdm(range(args.epochs), desc="train")
+        for epoch in epochs_bar:
             lr = learning_rate(epoch, args)  # Dassl steps the scheduler once per epoch
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-            for x, y in bar:
+            losses, accs = [], []
+            for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False):
                 loss, acc = train_step(model, optimizer, x, y, device)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", lr=f"{lr:.2e}")
+                losses.append(loss), accs.append(acc)
+            epochs_bar.set_postfix(lr=f"{lr:.2e}", loss=f"{np.mean(losses):.3f}", acc=f"{np.mean(accs):.3f}")
         epoch = args.epochs
         learned_state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         checkpoint = {"learned": learned_state, "args": vars(args), "epoch": epoch, "metrics": None}
@@ -407,8 +409,8 @@ def main(args):
     splits = {"base": data.subsample_classes(bench.test, bench.classnames, "base"),
               "new": data.subsample_classes(bench.test, bench.classnames, "new")}
     splits.update({name: (data.shift_items(items, base_names), base_names) for name, items in bench.shifts.items()})
-    name = "CoCoOp" if args.conditional else "CoOp"
-    results, test_loss = {"zero-shot CLIP": {}, name: {}}, {}
+    shown = "CoCoOp" if args.conditional else "CoOp"
+    results, test_loss = {"zero-shot CLIP": {}, shown: {}}, {}
     for split, (items, names) in splits.items():
         if split == "new" and args.csc:
             print("--csc: the learned contexts belong to base classes; no prompt exists for new classes")
@@ -417,7 +419,7 @@ def main(args):
         batches = list(zip(feats.split(args.test_batch_size), labels.split(args.test_batch_size)))
         model.prompt_learner.set_classes(names)
         metrics = evaluate(model, batches)
-        results[name][split], test_loss[split] = metrics["acc"], metrics["loss"]
+        results[shown][split], test_loss[split] = metrics["acc"], metrics["loss"]
         results["zero-shot CLIP"][split] = evaluate(ZeroShotCLIP(clip, backbone.tokenize, names, bench.template), batches)["acc"]
     model.prompt_learner.set_classes(base_names)
     for r in results.values():
@@ -426,10 +428,10 @@ def main(args):
     columns = ["base", "new", "hm", *bench.shifts]
     print(f"\n{args.dataset}, {args.shots} shots, seed {args.seed}, epoch {epoch}, {backbone.name}/{backbone.pretrained}")
     print(f"{'':16}" + "".join(f"{c:>12}" for c in columns))
-    for name, r in results.items():
-        print(f"{name:16}" + "".join(f"{r[c]:12.2f}" if r.get(c) is not None else f"{'-':>12}" for c in columns))
+    for row, r in results.items():
+        print(f"{row:16}" + "".join(f"{r[c]:12.2f}" if r.get(c) is not None else f"{'-':>12}" for c in columns))
 
-    r = results[name]
+    r = results[shown]
     record = dict(method=method, dataset=args.dataset, backbone=backbone.name, pretrained=backbone.pretrained,
                   shots=args.shots, seed=args.seed, epoch=epoch, base=r["base"], new=r.get("new"), hm=r["hm"],
                   shifts={s: r[s] for s in bench.shifts}, zero_shot=results["zero-shot CLIP"],
