@@ -28,6 +28,7 @@ words (the official code silently drops --csc there).
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     a("--warmup-epochs", type=int, default=1, help="constant warm-up epochs before the cosine (paper: 1)")
     a("--warmup-lr", type=float, default=1e-5, help="learning rate during warm-up (paper: 1e-5)")
     a("--test-batch-size", type=int, default=100, help="evaluation batch size (Dassl: 100)")
-    a("--workers", type=int, default=4, help="data-loader worker processes (Dassl: 4 for training)")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader worker processes (Dassl: 4, here capped at the CPU count)")
     a("--seed", type=int, default=1, help="seed for sampling, initialisation and shuffling (papers: 1, 2, 3)")
     a("--no-truncate", action="store_true", help="run the text transformer over all context positions (slower, same result)")
     a("--bench-steps", type=int, default=0, help="if > 0: time this many training steps with and without truncation, print the ratio, exit")

@@ -4,6 +4,8 @@ run of the script on a tiny Caltech101 fixture that --eval-only --resume reprodu
 import argparse
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,11 +169,19 @@ def caltech_fixture(root: Path, n_classes=4, per_class=10):
 
 
 def run_coop(*argv, cwd):
-    """The script as a user runs it, after registering the tiny test model with open_clip."""
+    """The script as a user runs it from their own project: coop.py and data.py copied into an
+    otherwise empty folder, run there (after registering the tiny test model with open_clip)."""
+    project = cwd / "project"
+    if not project.exists():
+        project.mkdir()
+        for name in ("coop.py", "data.py"):
+            shutil.copy(ROOT / name, project / name)
     code = (f"import open_clip, runpy, sys; open_clip.factory._MODEL_CONFIGS[{TINY_NAME!r}] = {TINY!r}; "
-            f"sys.argv = ['coop.py', *{list(argv)!r}]; runpy.run_path({str(ROOT / 'coop.py')!r}, run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+            f"sys.path.insert(0, '.'); sys.argv = ['coop.py', *{list(argv)!r}]; "
+            f"runpy.run_path('coop.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120,
+                          env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
