@@ -42,14 +42,16 @@ from tqdm import tqdm
 
 import data
 
-# Per-dataset exceptions to the paper defaults; a flag given on the command line wins over both.
-# CoOp's epochs follow the shot count (scripts/coop/main.sh): 1 shot 50, 2-4 shots 100, 8-16 shots 200.
-COOP_EPOCHS = lambda shots: 50 if shots <= 1 else 100 if shots <= 4 else 200
+# Paper defaults, then per-dataset exceptions; a flag given on the command line wins over both.
+def coop_epochs(shots):  # CoOp's epochs follow the shot count (scripts/coop/main.sh)
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
 PAPER = {"coop": dict(batch_size=32), "cocoop": dict(batch_size=1, epochs=10)}
 DATASET_SETTINGS = {
     "imagenet": {"coop": dict(epochs=50)},  # CoOp's *_ep50 configs, for every shot count
-    # The offline world: small enough that `python coop.py` ends in <= 2 min on 2 CPU cores.
-    # Owner of the world: tune these two entries (the numbers here are placeholders that run).
+    # The offline world (every 'shapes...' benchmark): small enough that `python coop.py` ends in
+    # <= 2 min on 2 CPU cores. Owner of the world: tune these (placeholders that run).
     "shapes": {"coop": dict(epochs=10, batch_size=32), "cocoop": dict(epochs=1, batch_size=4)},
 }
 PROMPTS_PER_PASS = 4096  # CoCoOp: at most this many (image, class) prompts in one text pass
@@ -93,8 +95,9 @@ def parse_args(argv=None):
 def resolve_settings(args):
     """Fill the settings left at None: command line > DATASET_SETTINGS > paper default."""
     method = "cocoop" if args.conditional else "coop"
-    paper = dict(PAPER[method], epochs=PAPER[method].get("epochs", COOP_EPOCHS(args.shots)))
-    for key, value in {**paper, **DATASET_SETTINGS.get(args.dataset, {}).get(method, {})}.items():
+    paper = dict(PAPER[method], epochs=PAPER[method].get("epochs", coop_epochs(args.shots)))
+    dataset = "shapes" if args.dataset.startswith(data.WORLD_PREFIX) else args.dataset
+    for key, value in {**paper, **DATASET_SETTINGS.get(dataset, {}).get(method, {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.model is None:
@@ -272,7 +275,9 @@ def autocast(device):
 @torch.no_grad()
 def evaluate(model, loader) -> dict:
     """Top-1 accuracy in %, micro-averaged over the test items (Dassl's evaluator), and the mean
-    cross-entropy (a continuous number: two evaluations that agree on it used the same model)."""
+    cross-entropy (a continuous number: two evaluations that agree on it used the same model).
+    model(x, text_features) -> logits [B, C]; model.class_text_features() -> [C, D], or None when
+    the text side depends on the image. loader: batches of (images or frozen features, labels)."""
     model.eval()
     device = next(model.parameters()).device
     correct = total = loss = 0

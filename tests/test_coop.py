@@ -152,6 +152,8 @@ def test_paper_defaults_and_per_dataset_exceptions():
     assert (b.epochs, b.batch_size) == (10, 1)
     assert resolved("--dataset", "caltech101", "--epochs", "3").epochs == 3
     assert coop.parse_args([]).dataset == "shapes"
+    world = coop.DATASET_SETTINGS["shapes"]["coop"]
+    assert {k: getattr(resolved("--dataset", "shapes_noisy"), k) for k in world} == world  # every world benchmark
     with pytest.raises(SystemExit):  # a model without weights named would silently be random
         coop.resolve_settings(coop.parse_args(["--model", "ViT-B-16"]))
 
