@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +173,9 @@ class PromptLearner(nn.Module):
         self.meta_net = None
         if args.conditional:  # CoCoOp's h_theta: Linear(D, D/16) - ReLU - Linear(D/16, d)
             vis_dim = clip.text_projection.shape[1]  # image and text features share the dimension D
-            self.meta_net = nn.Sequential(nn.Linear(vis_dim, vis_dim // 16), nn.ReLU(inplace=True),
-                                          nn.Linear(vis_dim // 16, ctx_dim)).to(device)
+            self.meta_net = nn.Sequential(OrderedDict(  # the official layer names, so state_dict keys match
+                linear1=nn.Linear(vis_dim, vis_dim // 16), relu=nn.ReLU(inplace=True),
+                linear2=nn.Linear(vis_dim // 16, ctx_dim))).to(device)
         self.set_classes(classnames)
 
     def set_classes(self, classnames):

@@ -201,7 +201,7 @@ def check_run(run, method):
     ckpt = torch.load(run / "checkpoint.pt")
     assert set(ckpt) == {"learned", "args", "epoch", "metrics"} and ckpt["epoch"] == 2
     assert ckpt["metrics"]["test_loss"] == results["test_loss"]
-    meta = {f"prompt_learner.meta_net.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    meta = {f"prompt_learner.meta_net.{layer}.{p}" for layer in ("linear1", "linear2") for p in ("weight", "bias")}
     assert set(ckpt["learned"]) == {"prompt_learner.ctx"} | (meta if method == "cocoop" else set())  # nothing frozen
     return results
 
