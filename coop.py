@@ -336,8 +336,9 @@ def bench_truncation(model, optimizer, loader, device, steps):
 
 def main(args):
     start_time = time.time()
+    if bool(args.eval_only) != bool(args.resume):
+        raise SystemExit("--eval-only and --resume RUN_DIR go together (training always starts fresh)")
     if args.eval_only:  # the saved run's settings, except where its data and device live now
-        assert args.resume, "--eval-only needs --resume RUN_DIR"
         ckpt = torch.load(Path(args.resume) / "checkpoint.pt", map_location="cpu")
         now = {k: getattr(args, k) for k in ("eval_only", "resume", "root", "device", "workers", "test_batch_size")}
         args = argparse.Namespace(**{**ckpt["args"], **now})  # saved after resolve_settings
