@@ -152,8 +152,11 @@ def test_paper_defaults_and_per_dataset_exceptions():
     assert (b.epochs, b.batch_size) == (10, 1)
     assert resolved("--dataset", "caltech101", "--epochs", "3").epochs == 3
     assert coop.parse_args([]).dataset == "shapes"
-    world = coop.DATASET_SETTINGS["shapes"]["coop"]
-    assert {k: getattr(resolved("--dataset", "shapes_noisy"), k) for k in world} == world  # every world benchmark
+    for method in ([], ["--conditional"]):  # every world benchmark takes the world's entry
+        entry = coop.DATASET_SETTINGS["shapes"].get("cocoop" if method else "coop", {})
+        a, b = resolved("--dataset", "shapes", *method), resolved("--dataset", "shapes_noisy", *method)
+        assert (a.epochs, a.batch_size) == (b.epochs, b.batch_size)
+        assert all(getattr(b, k) == v for k, v in entry.items())
     with pytest.raises(SystemExit):  # a model without weights named would silently be random
         coop.resolve_settings(coop.parse_args(["--model", "ViT-B-16"]))
 
