@@ -1208,6 +1208,24 @@ def _load_tiny(pretrained: Optional[str], device) -> Backbone:
                     mean=CLIP_MEAN, std=CLIP_STD)
 
 
+def _cmd_zero_shot(argv) -> None:
+    parser = argparse.ArgumentParser(prog="data.py zero-shot", description=(
+        "Zero-shot accuracy of the tiny CLIP per class set and rendering style of the offline world "
+        "(template 'a photo of a {}.', each set classified among its own names)."))
+    parser.add_argument("--checkpoint", default=str(TINY_CHECKPOINT), help="tiny CLIP checkpoint")
+    parser.add_argument("--per-class", type=int, default=100, help="test images per class (default 100)")
+    args = parser.parse_args(argv)
+    model = load_tiny_clip(args.checkpoint)
+    task, (seen, heldout) = world_task_classes(), world_combo_split()
+    sets = {"task base (12)": task[:12], "task new (12)": task[12:],
+            "pretraining pairs (48)": seen, "held-out pairs (16)": heldout}
+    print("| class set | chance | " + " | ".join(WORLD_STYLES) + " |")
+    print("|---|---:|" + "---:|" * len(WORLD_STYLES))
+    for name, pairs in sets.items():
+        accs = [100 * world_zero_shot(model, pairs, style, args.per_class) for style in WORLD_STYLES]
+        print(f"| {name} | {100 / len(pairs):.1f} | " + " | ".join(f"{a:.1f}" for a in accs) + " |")
+
+
 def _cmd_pretrain(argv) -> None:
     parser = argparse.ArgumentParser(prog="data.py pretrain", description=(
         "Pretrain the offline world's tiny CLIP (contrastive, clean photos of 48 colour-shape pairs). "
@@ -1325,7 +1343,7 @@ def _cmd_table(argv) -> None:
     print(results_table(records))
 
 
-COMMANDS = {"table": _cmd_table, "pretrain": _cmd_pretrain}  # `python data.py <command> ...`
+COMMANDS = {"table": _cmd_table, "pretrain": _cmd_pretrain, "zero-shot": _cmd_zero_shot}  # `python data.py <command> ...`
 
 
 def main(argv=None) -> None:
