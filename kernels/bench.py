@@ -108,10 +108,7 @@ def main(args):
     print("-" * len(head))
     for B in Bs:
         for C in Cs:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            s = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype).requires_grad_()
-            t = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype)
-            y = torch.randint(0, C, (B,), device="cuda", generator=g)
+            s, t, y = _inputs(B, C, dtype)
             step = fwd_bwd(fused, s, t, y)
             err = (step().float() - fwd_bwd(ref, s, t, y)().float()).abs().max().item()
             ms = triton.testing.do_bench(step, warmup=25, rep=100)
@@ -131,6 +128,14 @@ def main(args):
                   f"{err:>11.2e} {cfg}", flush=True)
 
 
+def _inputs(B, C, dtype):
+    """Seeded student (requires grad), teacher and labels on the GPU, logits of scale ~4."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype).requires_grad_()
+    t = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype)
+    return s, t, torch.randint(0, C, (B,), device="cuda", generator=g)
+
+
 def graph_bench(Bs, Cs, dtype, fused, ref, bw):
     import triton.testing
     print("fwd+bwd steps captured in one CUDA graph and replayed (triton.testing.do_bench_cudagraph, "
@@ -140,10 +145,7 @@ def graph_bench(Bs, Cs, dtype, fused, ref, bw):
     print("-" * len(head))
     for B in Bs:
         for C in Cs:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            s = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype).requires_grad_()
-            t = (torch.randn(B, C, device="cuda", generator=g) * 4).to(dtype)
-            y = torch.randint(0, C, (B,), device="cuda", generator=g)
+            s, t, y = _inputs(B, C, dtype)
             step, eager = fwd_bwd(fused, s, t, y), fwd_bwd(ref, s, t, y)
             step(), eager()  # tune and warm up outside the capture
             ms = triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
