@@ -87,7 +87,7 @@ def test_shipped_tiny_clip_zero_shot_within_band():
     photo_base = data.world_zero_shot(model, seen[:24], "photo", per_class=20)
     noisy_base = data.world_zero_shot(model, seen[:24], "noisy", per_class=20)
     assert 0.93 <= photo_base <= 1.0, photo_base  # 0.979 when the checkpoint was made
-    assert 0.42 <= noisy_base <= 0.62, noisy_base  # 0.517
+    assert 0.42 <= noisy_base <= 0.62, noisy_base  # 0.519
     checkpoint = torch.load(data.TINY_CHECKPOINT, map_location="cpu", weights_only=True)
     assert data.TINY_CHECKPOINT.stat().st_size < 20e6
     assert checkpoint["config"] == data.TINY_CONFIG
