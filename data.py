@@ -796,8 +796,8 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
 # universe rendered from a seed: 8 shapes x 8 colours at two sizes on dull textured backgrounds.
 # A tiny open_clip CLIP is pretrained contrastively on clean "photo" renderings of 48 of the 64
 # colour-shape pairs (`python data.py pretrain`). The downstream task ("shapes") lives in a shifted
-# domain (heavy pixel noise), where zero-shot CLIP is weak, as real CLIP is on EuroSAT or DTD: a
-# prompt can gain there, and overfit. Clean photos and the other styles are the shifted test sets.
+# domain (shapes drawn as outlines), where zero-shot CLIP is weak, as real CLIP is on EuroSAT or DTD:
+# a prompt can gain there, and overfit. Clean photos and the other styles are the shifted test sets.
 
 WORLD_SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "hexagon", "diamond")
 WORLD_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "white")
@@ -816,10 +816,10 @@ def world_combo_split():
     with (s - c) mod 8 in {1, 2, 3}, then the 24 with {5, 6, 7} (the pretraining report's two
     halves); this order fixes how the pretraining draws map to pairs, so it is part of the recipe."""
     pairs = [(c, s) for c in range(8) for s in range(8)]
-    base = [p for p in pairs if (p[1] - p[0]) % 8 in (1, 2, 3)]
-    new = [p for p in pairs if (p[1] - p[0]) % 8 in (5, 6, 7)]
+    first = [p for p in pairs if (p[1] - p[0]) % 8 in (1, 2, 3)]
+    second = [p for p in pairs if (p[1] - p[0]) % 8 in (5, 6, 7)]
     heldout = [p for p in pairs if (p[1] - p[0]) % 8 in (0, 4)]
-    return base + new, heldout
+    return first + second, heldout
 
 
 def _shape_mask(shape, u, v):
@@ -1039,7 +1039,7 @@ def world_pretrain(steps=1500, batch_size=128, lr=1e-3, seed=0, out=TINY_CHECKPO
     """Contrastive pretraining of the tiny CLIP on clean photos of the 48 seen colour-shape pairs.
 
     AdamW (wd 0.1), 5 % linear warm-up then cosine, grad-norm clip 1.0, multi-positive InfoNCE in
-    both directions. Deterministic for a given seed and thread count (CPU)."""
+    both directions. Bit-identical reruns for a given seed and thread count on a quiet CPU."""
     import open_clip
 
     torch.set_num_threads(threads)
@@ -1084,7 +1084,7 @@ def world_pretrain(steps=1500, batch_size=128, lr=1e-3, seed=0, out=TINY_CHECKPO
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
     wall = time.time() - start
     model.eval()
-    seen, heldout = world_combo_split()
+    seen, heldout = world_combo_split()  # base/new below: the halves of the pretraining pairs
     zero_shot = {"photo_base": world_zero_shot(model, seen[:24], "photo"),
                  "photo_new": world_zero_shot(model, seen[24:], "photo"),
                  "photo_heldout": world_zero_shot(model, heldout, "photo"),
