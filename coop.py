@@ -355,17 +355,18 @@ def main(args):
 
     out = Path(args.resume if args.eval_only else args.output_dir or
                f"runs/{method}-{args.dataset}-{args.shots}shot-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.eval_only and not args.bench_steps:
-        if (out / "checkpoint.pt").exists() and not args.overwrite:
-            raise SystemExit(f"{out} already holds a checkpoint: pass --overwrite or another --output-dir")
-        out.mkdir(parents=True, exist_ok=True)
-        data.atomic_write_text(json.dumps(vars(args), indent=2), out / "args.json")
+    writes = not args.eval_only and not args.bench_steps
+    if writes and (out / "checkpoint.pt").exists() and not args.overwrite:
+        raise SystemExit(f"{out} already holds a checkpoint: pass --overwrite or another --output-dir")
     print(f"{method} on {args.dataset}: {args.model}/{args.pretrained}, {args.shots} shots, seed {args.seed}, "
           f"{args.epochs} epochs, batch {args.batch_size}, device {device} -> {out}")
 
     # Data: few-shot on all classes first, then the base half for training (CoCoOp protocol).
     bench = data.load_dataset(args.dataset, args.root, download=args.download)
     backbone = data.load_backbone(args.model, args.pretrained, device)
+    if writes:  # only once data and weights are there: a run that cannot start leaves no folder
+        out.mkdir(parents=True, exist_ok=True)
+        data.atomic_write_text(json.dumps(vars(args), indent=2), out / "args.json")
     clip = backbone.model
     loader = lambda items, train, bs: data.make_loader(items, bench, backbone, train, bs, args.seed, args.workers)
     _, base_names = data.subsample_classes(bench.test, bench.classnames, "base")

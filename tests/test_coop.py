@@ -245,3 +245,11 @@ def test_cocoop_run_in_process_refuses_overwrite_and_eval_only_reproduces(tmp_pa
     assert (run / "checkpoint.pt").read_bytes() == saved
     coop.main(coop.parse_args(["--eval-only", "--resume", str(run), *common]))
     check_reproduced(run, results)
+
+
+def test_a_run_whose_data_is_missing_stops_clearly_and_writes_nothing(tmp_path):
+    args = coop.parse_args(["--dataset", "caltech101", "--root", str(tmp_path / "nodata"),
+                            "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(FileNotFoundError, match="101_ObjectCategories"):
+        coop.main(args)
+    assert not (tmp_path / "run").exists()
