@@ -808,6 +808,7 @@ WORLD_SIZES = ("small", "large")
 WORLD_BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient")
 WORLD_STYLES = ("photo", "noisy", "outline", "vivid", "lowcontrast")
 WORLD_DEFAULT_STYLE = "outline"  # the downstream domain of --dataset shapes
+WORLD_RIM = 0.75  # outline style: the shape minus a copy shrunk to 75 % (a rim 1/4 of its radius)
 
 # Colour-shape pairs never rendered during pretraining: (shape - colour) mod 8 in {0, 4}. Each colour
 # and each shape is held out twice, so every word is still seen.
@@ -919,7 +920,7 @@ def world_render(colour, shape, size, background, style, gen, res=32):
     v = (-dx * sin + dy * cos) / radius[:, None, None]
     mask = _shape_masks(shape, u, v)  # [n, hi, hi]
     if style == "outline":  # keep a rim: the shape minus a shrunk copy of itself
-        mask = mask * (1 - _shape_masks(shape, u / 0.62, v / 0.62))
+        mask = mask * (1 - _shape_masks(shape, u / WORLD_RIM, v / WORLD_RIM))
     fill = (WORLD_RGB[colour] + (rnd(n, 3) - 0.5) * 0.12).clamp(0, 1)  # [n, 3]
     img = img * (1 - mask[:, None]) + fill[:, :, None, None] * mask[:, None]
 
