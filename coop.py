@@ -10,26 +10,40 @@ class ("a photo of a {class}."). CoOp freezes both encoders and learns the conte
 continuous vectors, [SOS][v_1]..[v_M][CLASS][.][EOS], with cross-entropy on a few labelled images of
 the base classes. CoCoOp adds a small meta-net that maps each image feature to one shift added to
 every context vector, so the prompt depends on the image; it transfers better to classes never
-trained on, at the price of one text pass per (image, class) pair. Evaluation follows the CoCoOp
-base-to-new protocol: accuracy on the base classes, on the new classes, and their harmonic mean.
+trained on, at the price of one text pass per (image, class) pair.
 
   python coop.py                                      # offline world (shapes, tiny CLIP), CoOp
   python coop.py --conditional                        # offline world, CoCoOp
   python coop.py --dataset caltech101 --root ~/data   # paper setting: ViT-B/16 openai, 16 shots
   python coop.py --dataset caltech101 --root ~/data --conditional
-  python coop.py --eval-only --resume runs/coop-caltech101-16shot-seed1-...   # re-evaluate a run
+  python coop.py --resume runs/coop-caltech101-16shot-seed1-...     # continue a killed run
+  python coop.py --evaluate runs/coop-caltech101-16shot-seed1-...   # re-evaluate a finished run
 
-Differs from the official code (KaiyangZhou/CoOp) in: open_clip instead of OpenAI's clip package;
-fp32 prompts with bf16 autocast on CUDA instead of pure fp16; the text transformer runs only up to
-the longest prompt (exact, see TextEncoder); frozen image features computed once where no random
-augmentation applies; CoCoOp batched over images; --csc with --ctx-init starts every class from the
-words (the official code silently drops --csc there).
+Evaluation protocol: CoCoOp's base-to-new (train on the base half of the classes; accuracy on the
+base and the new half, each in its own label space, and their harmonic mean), plus the benchmark's
+shifted test sets restricted to the base classes (the world's other styles; ImageNet's variants).
+
+Differs from the official code (KaiyangZhou/CoOp) in:
+- open_clip instead of OpenAI's clip package (QuickGELU forced for the `openai` weights, as theirs).
+- fp32 learned tensors (context and meta-net) with bf16 autocast on CUDA, where the official code
+  runs everything in fp16; bf16 is coarser than fp16 per value, but needs no loss scaling.
+- the text transformer runs only up to the longest prompt's end-of-text token (exact, see
+  TextEncoder); frozen image features are computed once where no random augmentation applies
+  (the offline world), and once per evaluation split.
+- the context length M of --ctx-init counts BPE tokens ("itap of a" is 4 tokens); the official
+  code counts words (3 there) and so mis-sizes the context for such words.
+- CoCoOp is batched over images (one text pass for a chunk of images) instead of a loop per image.
+- --csc with --ctx-init starts every class from the words (the official code silently drops --csc).
+- on CUDA the training step is recorded once as a CUDA graph and replayed (CapturedStep); the lr is
+  a tensor filled in place each epoch, and SGD is the fused implementation there (same update).
+- a checkpoint is written after every epoch, with what the next epoch needs (--resume).
 """
 import argparse
 import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -43,58 +57,82 @@ from tqdm import tqdm
 
 import data
 
-# Paper defaults, then per-dataset exceptions; a flag given on the command line wins over both.
+
+# ------------------------------------------------------------------------------------------ settings
 def coop_epochs(shots):  # CoOp's epochs follow the shot count (scripts/coop/main.sh)
     return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
+# Paper defaults, then per-dataset exceptions; a flag given on the command line wins over both.
 PAPER = {"coop": dict(batch_size=32), "cocoop": dict(batch_size=1, epochs=10)}
 DATASET_SETTINGS = {
     "imagenet": {"coop": dict(epochs=50)},  # CoOp's *_ep50 configs, for every shot count
-    # The offline world (every 'shapes...' benchmark) runs the paper settings as they are: with the
-    # tiny CLIP and cached image features, CoOp's 200 epochs and CoCoOp's 10 take ~30 s each on 2 CPU cores.
+    # The offline world (every 'shapes...' benchmark) runs the paper settings as they are: with the tiny
+    # CLIP and cached image features, CoOp's 200 epochs and CoCoOp's 10 take ~30 s each on 2 CPU cores.
     "shapes": {},
 }
 PROMPTS_PER_PASS = 4096  # CoCoOp: at most this many (image, class) prompts in one text pass
+# Settings of a run that may change when it is resumed or re-evaluated elsewhere (nothing numeric).
+LOCAL_SETTINGS = ("resume", "evaluate", "root", "device", "workers", "test_batch_size", "eager", "results_file")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="shapes", help="benchmark name for data.load_dataset (shapes = the built-in offline world; paper: 11 datasets, e.g. caltech101)")
-    a("--root", default="~/data", help="folder holding the datasets in CoOp's layout, as DATASET.ROOT (unused by the world)")
-    a("--download", action="store_true", help="let data.py download what torchvision can download (the papers: manual download)")
+    a("--dataset", default="shapes",
+      help="benchmark name for data.load_dataset (shapes = the built-in offline world; paper: 11 datasets, "
+           "e.g. caltech101)")
+    a("--root", default="~/data", help="folder holding the datasets in CoOp's layout, as DATASET.ROOT")
+    a("--download", action="store_true",
+      help="let data.py download what torchvision can download (the papers: manual download)")
     a("--model", default=None, help="open_clip model name; default: data.default_backbone(dataset) (paper: ViT-B-16)")
-    a("--pretrained", default=None, help="open_clip pretrained tag, 'none' for random init; required with --model (paper: openai)")
-    a("--conditional", action="store_true", help="CoCoOp: add the meta-net that shifts the context per image (off: CoOp; official: --trainer CoCoOp)")
+    a("--pretrained", default=None,
+      help="open_clip pretrained tag, 'none' for random init; required with --model (paper: openai)")
+    a("--conditional", action="store_true",
+      help="CoCoOp: add the meta-net that shifts the context per image (off: CoOp; official: --trainer CoCoOp)")
     a("--n-ctx", type=int, default=4, help="context tokens M when --ctx-init is empty (CoCoOp-paper setting: 4)")
-    a("--ctx-init", default="a photo of a", help="words that initialise the context (M = their token count); '' = random N(0, 0.02^2) (CoCoOp-paper setting: a photo of a)")
+    a("--ctx-init", default="a photo of a",
+      help="words that initialise the context (M = their BPE token count); '' = random N(0, 0.02^2) "
+           "(CoCoOp-paper setting: a photo of a)")
     a("--csc", action="store_true", help="CoOp: class-specific context, one per class (paper default: off, unified)")
-    a("--class-token-position", default="end", choices=["end", "middle", "front"], help="CoOp: where the class name sits (paper: end)")
-    a("--shots", type=int, default=16, help="training images per class, sampled on all classes before the base/new split (paper: 16)")
-    a("--epochs", type=int, default=None, help="default: CoOp 50/100/200 for 1/2-4/8-16 shots (ImageNet 50), CoCoOp 10; paper values; see DATASET_SETTINGS")
-    a("--batch-size", type=int, default=None, help="default: CoOp 32, CoCoOp 1, the paper values; see DATASET_SETTINGS")
+    a("--class-token-position", default="end", choices=["end", "middle", "front"],
+      help="CoOp: where the class name sits (paper: end)")
+    a("--shots", type=int, default=16,
+      help="training images per class, sampled on all classes before the base/new split (paper: 16)")
+    a("--epochs", type=int, default=None,
+      help="default: CoOp 50/100/200 for 1/2-4/8-16 shots (ImageNet 50), CoCoOp 10; see DATASET_SETTINGS")
+    a("--batch-size", type=int, default=None, help="default: CoOp 32, CoCoOp 1, the paper values")
     a("--lr", type=float, default=0.002, help="SGD learning rate after warm-up, cosine-annealed per epoch (paper: 0.002)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default: 0.9)")
     a("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default: 5e-4)")
     a("--warmup-epochs", type=int, default=1, help="constant warm-up epochs before the cosine (paper: 1)")
     a("--warmup-lr", type=float, default=1e-5, help="learning rate during warm-up (paper: 1e-5)")
     a("--test-batch-size", type=int, default=100, help="evaluation batch size (Dassl: 100)")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader worker processes (Dassl: 4, here capped at the CPU count)")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1),
+      help="data-loader worker processes (Dassl: 4, here capped at the CPU count)")
     a("--seed", type=int, default=1, help="seed for sampling, initialisation and shuffling (papers: 1, 2, 3)")
-    a("--no-truncate", action="store_true", help="run the text transformer over all context positions (slower, same result; the official code always does)")
-    a("--bench-steps", type=int, default=0, help="if > 0: time this many training steps with and without truncation, print the ratio, exit (not in the papers)")
-    a("--output-dir", default=None, help="run folder; default runs/<method>-<dataset>-<shots>shot-seed<seed>-<time> (official: --output-dir)")
-    a("--overwrite", action="store_true", help="allow writing into a run folder that already holds a checkpoint (the official scripts skip a folder that exists)")
-    a("--results-file", default=None, help="JSON-lines file that gets one line per run; default <output-dir>/../results.jsonl (the papers parse log.txt)")
-    a("--eval-only", action="store_true", help="evaluate the run in --resume with its saved settings, without training (official: --eval-only --model-dir)")
-    a("--resume", default=None, help="run folder whose checkpoint.pt --eval-only loads (official: --model-dir, --load-epoch)")
+    a("--no-truncate", action="store_true",
+      help="run the text transformer over all context positions (slower, same result; the official code does)")
+    a("--eager", action="store_true",
+      help="CUDA: run each training step op by op instead of replaying its CUDA graph (same numbers, slower)")
+    a("--output-dir", default=None,
+      help="run folder; default runs/<method>-<dataset>-<shots>shot-seed<seed>-<time> (official: --output-dir)")
+    a("--overwrite", action="store_true",
+      help="replace a run folder that already holds a checkpoint (the official scripts skip a folder that exists)")
+    a("--results-file", default=None,
+      help="JSON-lines file that gets one line per run; default <output-dir>/../results.jsonl")
+    a("--resume", default=None, metavar="RUN_DIR",
+      help="continue a run from its last completed epoch with its saved settings (or finish its evaluation)")
+    a("--evaluate", default=None, metavar="RUN_DIR",
+      help="re-evaluate a finished run with its saved settings, without training; writes RUN_DIR/eval.json "
+           "(official: --eval-only --model-dir)")
     a("--device", default=None, help="torch device; default cuda if available, else cpu (papers: one GPU)")
     return p.parse_args(argv)
 
 
 def resolve_settings(args):
-    """Fill the settings left at None: command line > DATASET_SETTINGS > paper default."""
+    """Fill the settings left at None: command line > DATASET_SETTINGS > paper default; then check them."""
     method = "cocoop" if args.conditional else "coop"
     paper = dict(PAPER[method], epochs=PAPER[method].get("epochs", coop_epochs(args.shots)))
     dataset = "shapes" if args.dataset.startswith(data.WORLD_PREFIX) else args.dataset
@@ -105,10 +143,32 @@ def resolve_settings(args):
         args.model, default_pretrained = data.default_backbone(args.dataset)
         args.pretrained = default_pretrained if args.pretrained is None else args.pretrained
     elif args.pretrained is None:  # never fall back to random weights silently
-        raise SystemExit("--model needs --pretrained (an open_clip tag, or 'none' for random init)")
+        raise SystemExit("error: --model needs --pretrained (an open_clip tag, a weights file, or 'none' for "
+                         "random init)")
     if args.pretrained in ("none", "None", ""):
         args.pretrained = None
+    check_settings(args)
     return args
+
+
+def check_settings(args):
+    """Refuse, before anything is written, a setting that would run and give wrong numbers."""
+    def refuse(message):
+        raise SystemExit(f"error: {message}")
+    for name in ("epochs", "batch_size", "shots", "test_batch_size"):
+        if getattr(args, name) < 1:
+            refuse(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("lr", "momentum", "weight_decay", "warmup_lr"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            refuse(f"--{name.replace('_', '-')} {value}: must be a finite number"
+                   f"{' above 0' if name == 'lr' else ' of at least 0'}")
+    if args.warmup_epochs < 0 or args.workers < 0:
+        refuse(f"--warmup-epochs {args.warmup_epochs} / --workers {args.workers}: must be at least 0")
+    if not args.ctx_init.strip() and args.n_ctx < 1:
+        refuse(f"--n-ctx {args.n_ctx} with an empty --ctx-init: the prompt needs at least one context token")
+    if args.csc and args.conditional:
+        refuse("--csc is CoOp's class-specific context; CoCoOp (--conditional) has one shared context")
 
 
 def learning_rate(epoch, args):
@@ -124,23 +184,22 @@ class TextEncoder(nn.Module):
     """CLIP's text tower fed prompt embeddings instead of token ids (open_clip CLIP, batch-first).
 
     The causal mask lets position i attend only to positions <= i, so the end-of-text (EOT) feature,
-    which is all CLIP uses, never depends on later positions: running the transformer over the first
-    max(EOT) + 1 positions gives exactly the features of the full context (77 for OpenAI CLIP)."""
+    which is all CLIP uses, never depends on later positions: prompts cut after the longest prompt's
+    EOT (as the prompt learner builds them) give exactly the features of the full context."""
 
     def __init__(self, clip):
         super().__init__()
-        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's standard text tower"
+        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's CLIP text tower"
         self.resblocks = clip.transformer.resblocks
         self.positional_embedding = clip.positional_embedding  # [L, d]
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection  # [d, D]
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [L, L], -inf above the diagonal
-        self.truncate = True
 
     def forward(self, prompts, eot):
-        """prompts: [N, L, d] token embeddings; eot: [N] EOT positions. Returns features [N, D]."""
-        n = int(eot.max()) + 1 if self.truncate else prompts.shape[1]
-        x = prompts[:, :n] + self.positional_embedding[:n]  # [N, n, d]
+        """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions. Returns features [N, D]."""
+        n = prompts.shape[1]
+        x = prompts + self.positional_embedding[:n]  # [N, n, d]
         for block in self.resblocks:
             x = block(x, attn_mask=self.attn_mask[:n, :n])
         x = self.ln_final(x)
@@ -148,28 +207,32 @@ class TextEncoder(nn.Module):
 # ==== end shared block ====
 
 
+# ------------------------------------------------------------------------------------------ the method
 class PromptLearner(nn.Module):
     """The learned context V ([M, d], or [C, M, d] with --csc) and, for CoCoOp, the meta-net.
     Returns the prompt embeddings [SOS][V][CLASS][.][EOS][pad] for the current class names."""
 
     def __init__(self, clip, tokenize, classnames, args):
         super().__init__()
-        self.tokenize, self.token_embedding, self.position = tokenize, clip.token_embedding, args.class_token_position
+        self.tokenize, self.token_embedding = tokenize, clip.token_embedding
+        self.position, self.truncate = args.class_token_position, not getattr(args, "no_truncate", False)
         device, n_cls = clip.token_embedding.weight.device, len(classnames)
         ctx_dim = clip.ln_final.weight.shape[0]  # text width d (512 for ViT-B/16)
         if args.ctx_init:
             ids = tokenize([args.ctx_init]).to(device)  # [1, L]
             self.n_ctx = int(ids.argmax(-1)) - 1  # BPE tokens between SOS and EOT: "a photo of a" -> 4
             with torch.no_grad():
-                ctx = self.token_embedding(ids)[0, 1:1 + self.n_ctx].float()  # [M, d]
-            ctx = ctx.repeat(n_cls, 1, 1) if args.csc else ctx  # [C, M, d]: every class starts from the words
+                ctx_vectors = self.token_embedding(ids)[0, 1:1 + self.n_ctx].float()  # [M, d]
+            if args.csc:  # every class starts from the words
+                ctx_vectors = ctx_vectors.repeat(n_cls, 1, 1)  # [C, M, d]
             self.prefix_words = args.ctx_init
         else:
             self.n_ctx = args.n_ctx
-            ctx = torch.empty((n_cls, self.n_ctx, ctx_dim) if args.csc else (self.n_ctx, ctx_dim), device=device)
-            nn.init.normal_(ctx, std=0.02)
+            ctx_vectors = torch.empty((n_cls, self.n_ctx, ctx_dim) if args.csc else (self.n_ctx, ctx_dim),
+                                      device=device)
+            nn.init.normal_(ctx_vectors, std=0.02)
             self.prefix_words = " ".join(["X"] * self.n_ctx)  # placeholders whose embeddings V replaces
-        self.ctx = nn.Parameter(ctx)  # fp32 master copy, whatever the backbone's precision
+        self.ctx = nn.Parameter(ctx_vectors)  # fp32 master copy, whatever the backbone's precision
         self.meta_net = None
         if args.conditional:  # CoCoOp's h_theta: Linear(D, D/16) - ReLU - Linear(D/16, d)
             vis_dim = clip.text_projection.shape[1]  # image and text features share the dimension D
@@ -183,15 +246,19 @@ class PromptLearner(nn.Module):
         names = [c.replace("_", " ") for c in classnames]
         device = self.token_embedding.weight.device
         ids = self.tokenize([f"{self.prefix_words} {name}." for name in names]).to(device)  # [C, L]
+        eot = ids.argmax(-1)  # [C]: EOT has the largest token id
+        # Truncation: positions after the longest prompt's EOT never reach a feature (causal mask).
+        length = int(eot.max()) + 1 if self.truncate else ids.shape[1]
+        ids = ids[:, :length]
         with torch.no_grad():
-            emb = self.token_embedding(ids).float()  # [C, L, d]
+            emb = self.token_embedding(ids).float()  # [C, n, d]
         self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # SOS [C, 1, d]
         self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # CLASS . EOS pad
-        self.register_buffer("eot", ids.argmax(-1), persistent=False)  # [C]: EOT has the largest token id
+        self.register_buffer("eot", eot, persistent=False)
         # Class-token position as a per-class reordering of the 'end' layout [SOS][V][CLASS][rest]:
         # middle = [SOS][V_1..V_M/2][CLASS][V_M/2+1..V_M][rest], front = [SOS][CLASS][V][rest].
         name_lens = (self.tokenize(names).argmax(-1) - 1).tolist()  # BPE tokens per class name
-        order = torch.arange(ids.shape[1]).repeat(len(names), 1)  # [C, L]
+        order = torch.arange(length).repeat(len(names), 1)  # [C, n]
         m, half = self.n_ctx, self.n_ctx // 2
         for i, n in enumerate(name_lens):
             ctx_pos, cls_pos = list(range(1, 1 + m)), list(range(1 + m, 1 + m + n))
@@ -201,14 +268,14 @@ class PromptLearner(nn.Module):
         self.register_buffer("order", order.to(device), persistent=False)
 
     def forward(self, shift=None):
-        """shift: [B, d] meta-net output (CoCoOp) or None. Returns prompts [C, L, d] or [B, C, L, d], eot [C]."""
+        """shift: [B, d] meta-net output (CoCoOp) or None. Returns prompts [C, n, d] or [B, C, n, d], eot [C]."""
         n_cls = len(self.eot)
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(n_cls, -1, -1)  # [C, M, d]
         prefix, suffix = self.token_prefix, self.token_suffix
         if shift is not None:  # CoCoOp: v_m(x) = v_m + pi(x), the same shift for every context token
             ctx = ctx + shift[:, None, None, :]  # [B, C, M, d]
             prefix, suffix = (t.expand(len(shift), -1, -1, -1) for t in (prefix, suffix))
-        prompts = torch.cat([prefix, ctx, suffix], dim=-2)  # [(B,) C, L, d], 'end' layout
+        prompts = torch.cat([prefix, ctx, suffix], dim=-2)  # [(B,) C, n, d], 'end' layout
         if self.position != "end":
             prompts = prompts[..., torch.arange(n_cls, device=ctx.device)[:, None], self.order, :]
         return prompts, self.eot
@@ -243,29 +310,78 @@ class PromptedCLIP(nn.Module):
             text_features = self.class_text_features() if text_features is None else text_features
             return scale * image_features @ text_features.t()  # [B, C]
         logits, n_cls = [], len(self.prompt_learner.eot)
-        for f in image_features.split(max(1, PROMPTS_PER_PASS // n_cls)):  # CoCoOp: C prompts per image
-            prompts, eot = self.prompt_learner(self.prompt_learner.meta_net(f))  # [b, C, L, d]
-            t = self.text_encoder(prompts.flatten(0, 1), eot.repeat(len(f)))  # [b*C, D]
-            t = F.normalize(t.float(), dim=-1).view(len(f), n_cls, -1)  # [b, C, D]
-            logits.append(scale * torch.einsum("bd,bcd->bc", f, t))
+        for chunk in image_features.split(max(1, PROMPTS_PER_PASS // n_cls)):  # CoCoOp: C prompts per image
+            prompts, eot = self.prompt_learner(self.prompt_learner.meta_net(chunk))  # [b, C, n, d]
+            text_features = self.text_encoder(prompts.flatten(0, 1), eot.repeat(len(chunk)))  # [b*C, D]
+            text_features = F.normalize(text_features.float(), dim=-1).view(len(chunk), n_cls, -1)  # [b, C, D]
+            logits.append(scale * torch.einsum("bd,bcd->bc", chunk, text_features))
         return torch.cat(logits)  # [B, C]
 
 
-class ZeroShotCLIP(nn.Module):
-    """The baseline: CLIP's own text path on the benchmark's hand-written template, e.g. "a photo of a {}."."""
+def train_step(model, optimizer, x, y):
+    """One SGD step on a batch already on the device. Returns (loss, number correct) as tensors, so
+    that nothing waits for the device here."""
+    with autocast(x.device):
+        logits = model(x)  # [B, C]
+    loss = F.cross_entropy(logits.float(), y)  # CE over the base classes: CoOp's whole objective
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(-1) == y).sum()
 
-    def __init__(self, clip, tokenize, classnames, template):
-        super().__init__()
-        self.clip, self.tokenize, self.classnames, self.template = clip, tokenize, classnames, template
 
-    def class_text_features(self):
-        ids = self.tokenize([self.template.format(c.replace("_", " ")) for c in self.classnames])
-        return F.normalize(self.clip.encode_text(ids.to(self.clip.logit_scale.device)).float(), dim=-1)
+# ==== shared block: captured step (identical in every method file) ====
+class CapturedStep:
+    """A training step recorded once as a CUDA graph and replayed (CUDA only).
 
-    def forward(self, x, text_features=None):
-        image_features = x if x.dim() == 2 else F.normalize(self.clip.encode_image(x).float(), dim=-1)
-        text_features = self.class_text_features() if text_features is None else text_features
-        return self.clip.logit_scale.exp() * image_features @ text_features.t()
+    The step's shapes never change (fixed batch size and class set), so its ~1,000 kernels can be
+    launched as one graph instead of one by one from Python: the step then takes about its GPU time.
+    The optimiser's lr must be a device tensor (the schedule fills it in place), and the update must
+    read no host values; recording runs three warm-up steps, after which the learned tensors and the
+    optimiser state are put back as they were (state created by the warm-up is zeroed, which is the
+    fresh state of SGD with dampening 0 and of Adam with capturable=True). One graph per batch shape."""
+
+    def __init__(self, step, model, optimizer):
+        self.step, self.model, self.optimizer, self.graphs = step, model, optimizer, {}
+
+    def __call__(self, *batch):
+        shapes = tuple(t.shape for t in batch)
+        if shapes not in self.graphs:
+            self.graphs[shapes] = self._record(batch)
+        graph, inputs, outputs = self.graphs[shapes]
+        for static, t in zip(inputs, batch):
+            static.copy_(t, non_blocking=True)
+        graph.replay()
+        return tuple(t.clone() for t in outputs)
+
+    def warm_up(self, inputs, steps=3):
+        """Run `steps` steps on `inputs` (the kernels pick their algorithms, the optimiser makes its
+        state), then put the learned tensors and the optimiser state back as they were."""
+        learned = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [(p.detach().clone(), {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)})
+                 for p in learned]
+        for _ in range(steps):
+            self.step(self.model, self.optimizer, *inputs)
+        with torch.no_grad():
+            for p, (value, state) in zip(learned, saved):
+                p.copy_(value)
+                for key, tensor in self.optimizer.state[p].items():
+                    if torch.is_tensor(tensor):
+                        tensor.copy_(state[key]) if key in state else tensor.zero_()
+
+    def _record(self, batch):
+        inputs = [t.clone() for t in batch]  # the graph's own input buffers
+        side = torch.cuda.Stream()  # warm-up on a side stream, as CUDA graph capture asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.warm_up(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's memory
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.step(self.model, self.optimizer, *inputs)
+        return graph, inputs, outputs
+# ==== end shared block ====
 
 
 # ==== shared block: evaluate (identical in every method file) ====
@@ -294,165 +410,239 @@ def evaluate(model, loader) -> dict:
 # ==== end shared block ====
 
 
+class ZeroShotCLIP(nn.Module):
+    """The baseline: CLIP's own text path on the benchmark's hand-written template, e.g. "a photo of a {}."."""
+
+    def __init__(self, clip, tokenize, classnames, template):
+        super().__init__()
+        self.clip, self.tokenize, self.classnames, self.template = clip, tokenize, classnames, template
+
+    def class_text_features(self):
+        ids = self.tokenize([self.template.format(c.replace("_", " ")) for c in self.classnames])
+        return F.normalize(self.clip.encode_text(ids.to(self.clip.logit_scale.device)).float(), dim=-1)
+
+    def forward(self, x, text_features=None):
+        image_features = x if x.dim() == 2 else F.normalize(self.clip.encode_image(x).float(), dim=-1)
+        text_features = self.class_text_features() if text_features is None else text_features
+        return self.clip.logit_scale.exp() * image_features @ text_features.t()
+
+
 @torch.no_grad()
 def encode_images(model, loader, device):
     """Frozen image features of a whole split, once: [N, D] normalised, labels [N]."""
-    feats, labels = [], []
+    features, labels = [], []
     for images, y in tqdm(loader, desc="image features", leave=False):
         with autocast(device):
-            feats.append(model.encode_image(images.to(device)))
+            features.append(model.encode_image(images.to(device)))
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels).to(device)
+    return torch.cat(features), torch.cat(labels).to(device)
 
 
-def train_step(model, optimizer, x, y, device):
-    with autocast(device):
-        logits = model(x.to(device))  # [B, C]
-    loss = F.cross_entropy(logits.float(), y.to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), (logits.argmax(-1) == y.to(device)).float().mean().item()
-
-
-def bench_truncation(model, optimizer, loader, device, steps):
-    """Training-step time with and without the truncated text pass, on the same batch, interleaved
-    so that background load hits both alike. Returns {"truncated_s", "full_s", "speedup"}."""
-    x, y = next(iter(loader))
-    times = {True: [], False: []}
-    for truncate in (True, False) * 3:
-        model.text_encoder.truncate = truncate
-        train_step(model, optimizer, x, y, device)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            train_step(model, optimizer, x, y, device)  # .item() inside waits for the GPU
-        times[truncate].append((time.perf_counter() - start) / steps)
-    model.text_encoder.truncate = True
-    t, f = sorted(times[True])[1], sorted(times[False])[1]  # medians of 3
-    return {"truncated_s": t, "full_s": f, "speedup": f / t}
-
-
+# ------------------------------------------------------------------------------------------ the run
 def main(args):
     start_time = time.time()
-    if bool(args.eval_only) != bool(args.resume):
-        raise SystemExit("--eval-only and --resume RUN_DIR go together (training always starts fresh)")
-    if args.eval_only:  # the saved run's settings, except where its data and device live now
-        ckpt = torch.load(Path(args.resume) / "checkpoint.pt", map_location="cpu")
-        now = {k: getattr(args, k) for k in ("eval_only", "resume", "root", "device", "workers", "test_batch_size")}
-        args = argparse.Namespace(**{**ckpt["args"], **now})  # saved after resolve_settings
+    if args.evaluate:
+        return reevaluate(args)
+    saved = load_run(args.resume) if args.resume else None
+    if saved:  # the run's own settings; only where its data and device live may change
+        args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in LOCAL_SETTINGS}})
     else:
         args = resolve_settings(args)
     method = "cocoop" if args.conditional else "coop"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.resume or args.output_dir or
+               f"runs/{method}-{args.dataset}-{args.shots}shot-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if saved and (out / "results.json").exists():
+        raise SystemExit(f"error: {out} is finished (results.json exists): re-evaluate it with --evaluate {out}")
+    if not saved and (out / "checkpoint.pt").exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} already holds a checkpoint: pass --overwrite to replace the run, "
+                         "--resume to continue it, or another --output-dir")
+    print(f"{method} on {args.dataset}: {args.model}/{args.pretrained}, {args.shots} shots, seed {args.seed}, "
+          f"{args.epochs} epochs, batch {args.batch_size}, device {device} -> {out}")
 
     # Seeding: everything random below (few-shot sampling, context init, shuffling) follows args.seed.
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    loader_generator = torch.Generator().manual_seed(args.seed)  # shuffling of cached features (make_loader seeds its own)
-
-    out = Path(args.resume if args.eval_only else args.output_dir or
-               f"runs/{method}-{args.dataset}-{args.shots}shot-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    writes = not args.eval_only and not args.bench_steps
-    if writes and (out / "checkpoint.pt").exists() and not args.overwrite:
-        raise SystemExit(f"{out} already holds a checkpoint: pass --overwrite or another --output-dir")
-    print(f"{method} on {args.dataset}: {args.model}/{args.pretrained}, {args.shots} shots, seed {args.seed}, "
-          f"{args.epochs} epochs, batch {args.batch_size}, device {device} -> {out}")
 
     # Data: few-shot on all classes first, then the base half for training (CoCoOp protocol).
-    bench = data.load_dataset(args.dataset, args.root, download=args.download)
+    benchmark = data.load_dataset(args.dataset, args.root, download=args.download)
     backbone = data.load_backbone(args.model, args.pretrained, device)
-    if writes:  # only once data and weights are there: a run that cannot start leaves no folder
+    if not saved:  # only once data and weights are there: a run that cannot start leaves no folder
+        if args.overwrite and (out / "checkpoint.pt").exists():
+            shutil.rmtree(out)  # the whole old run goes, so no file of it is left beside the new results
         out.mkdir(parents=True, exist_ok=True)
         data.atomic_write_text(json.dumps(vars(args), indent=2), out / "args.json")
-    clip = backbone.model
-    loader = lambda items, train, bs: data.make_loader(items, bench, backbone, train, bs, args.seed, args.workers)
-    _, base_names = data.subsample_classes(bench.test, bench.classnames, "base")
-    model = PromptedCLIP(clip, backbone.tokenize, base_names, args).to(device)
-    model.text_encoder.truncate = not args.no_truncate
-    learned = [p for p in model.parameters() if p.requires_grad]  # the context (and CoCoOp's meta-net)
+    _, base_names = data.subsample_classes(benchmark.test, benchmark.classnames, "base")
+    model = PromptedCLIP(backbone.model, backbone.tokenize, base_names, args).to(device)
+    train_items = data.fewshot(benchmark.train, args.shots, args.seed, cache=out / "fewshot.json")
+    train_items, _ = data.subsample_classes(train_items, benchmark.classnames, "base")
+    train_loader = training_batches(model, train_items, benchmark, backbone, args, device)
 
-    epoch = args.epochs
-    if args.eval_only:
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.data.copy_(ckpt["learned"][name])
-        epoch = ckpt["epoch"]
-    else:
-        train_items = data.fewshot(bench.train, args.shots, args.seed, cache=None if args.bench_steps else out / "fewshot.json")
-        train_items, _ = data.subsample_classes(train_items, bench.classnames, "base")
-        if bench.augment:  # random crops and flips: the image encoder runs on every training batch
-            train_loader = loader(train_items, True, args.batch_size)
-        else:  # deterministic transform, frozen encoder: each image's feature is the same every epoch
-            print(f"no training augmentation on {args.dataset}: caching the frozen image features of the "
-                  f"{len(train_items)} training images once (exact)")
-            feats, labels = encode_images(model, loader(train_items, False, args.test_batch_size), device)
-            train_loader = DataLoader(TensorDataset(feats, labels), batch_size=args.batch_size, shuffle=True,
-                                      drop_last=len(feats) >= args.batch_size, generator=loader_generator)
-        optimizer = torch.optim.SGD(learned, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images "
-              f"of {len(base_names)} base classes")
-        if args.bench_steps:
-            r = bench_truncation(model, optimizer, train_loader, device, args.bench_steps)
-            print(f"step time: truncated {1e3 * r['truncated_s']:.1f} ms, full {1e3 * r['full_s']:.1f} ms, "
-                  f"speed-up {r['speedup']:.2f}x (text context {clip.positional_embedding.shape[0]}, "
-                  f"longest prompt {int(model.prompt_learner.eot.max()) + 1} tokens)")
-            return r
-        epochs_bar = tqdm(range(args.epochs), desc="train")
-        for epoch in epochs_bar:
-            lr = learning_rate(epoch, args)  # Dassl steps the scheduler once per epoch
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses, accs = [], []
-            for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False):
-                loss, acc = train_step(model, optimizer, x, y, device)
-                losses.append(loss), accs.append(acc)
-            epochs_bar.set_postfix(lr=f"{lr:.2e}", loss=f"{np.mean(losses):.3f}", acc=f"{np.mean(accs):.3f}")
-        epoch = args.epochs
-        learned_state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        checkpoint = {"learned": learned_state, "args": vars(args), "epoch": epoch, "metrics": None}
-        data.atomic_save(checkpoint, out / "checkpoint.pt")  # saved before evaluation, so a crash there loses nothing
+    # Optimiser: SGD on the context (and CoCoOp's meta-net). The lr is a tensor that the schedule
+    # fills in place, so the captured step reads each epoch's value (fused SGD reads it on the GPU).
+    learned = [p for p in model.parameters() if p.requires_grad]
+    lr = torch.tensor(args.lr, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    optimizer = torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                fused=device.type == "cuda")
+    step = train_step if device.type != "cuda" or args.eager else CapturedStep(train_step, model, optimizer)
+    print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images "
+          f"of {len(base_names)} base classes")
+    start_epoch = restore_training(saved, model, optimizer, train_loader) if saved else 0
 
-    # Evaluation of the last epoch: base classes, new classes (prompts for the new names only), shifts.
-    splits = {"base": data.subsample_classes(bench.test, bench.classnames, "base"),
-              "new": data.subsample_classes(bench.test, bench.classnames, "new")}
-    splits.update({name: (data.shift_items(items, base_names), base_names) for name, items in bench.shifts.items()})
-    shown = "CoCoOp" if args.conditional else "CoOp"
-    results, test_loss = {"zero-shot CLIP": {}, shown: {}}, {}
+    epochs_bar = tqdm(range(start_epoch, args.epochs), desc="train", initial=start_epoch, total=args.epochs)
+    for epoch in epochs_bar:
+        lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
+        step_losses, correct, seen = [], 0, 0
+        for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False):
+            loss, n_correct = step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            step_losses.append(loss)
+            correct, seen = correct + n_correct, seen + len(y)
+        step_losses = torch.stack(step_losses).cpu()  # one wait for the device per epoch
+        if not torch.isfinite(step_losses).all():
+            bad = int((~torch.isfinite(step_losses)).nonzero()[0])
+            raise SystemExit(f"error: the loss became {step_losses[bad].item()} at epoch {epoch + 1}, step {bad + 1} "
+                             f"(lr {learning_rate(epoch, args):.3g}); nothing was recorded as a result. Lower --lr.")
+        epochs_bar.set_postfix(lr=f"{learning_rate(epoch, args):.2e}", loss=f"{step_losses.mean():.3f}",
+                               acc=f"{float(correct) / seen:.3f}")
+        save_training(out / "checkpoint.pt", args, epoch + 1, model, optimizer, train_loader)
+
+    record = evaluate_run(model, benchmark, backbone, base_names, args, device)
+    record["wall_s"] = round(time.time() - start_time, 1)
+    data.atomic_write_text(json.dumps(record, indent=2), out / "results.json")
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    data.atomic_save({**checkpoint, "metrics": record}, out / "checkpoint.pt")
+    data.append_result(Path(args.results_file or out.parent / "results.jsonl"), record)
+    print(f"wrote {out / 'results.json'}, {out / 'checkpoint.pt'}")
+    return record
+
+
+def training_batches(model, items, benchmark, backbone, args, device):
+    """Training batches of (images, labels), or of (frozen image features, labels) where no random
+    augmentation applies: the frozen encoder then gives every image the same feature in every epoch."""
+    if benchmark.augment:  # random crops and flips: the image encoder runs on every training batch
+        return data.make_loader(items, benchmark, backbone, True, args.batch_size, args.seed, args.workers)
+    print(f"no training augmentation on {args.dataset}: caching the frozen image features of the "
+          f"{len(items)} training images once (exact)")
+    plain = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed, args.workers)
+    features, labels = encode_images(model, plain, device)
+    return DataLoader(TensorDataset(features, labels), batch_size=args.batch_size, shuffle=True,
+                      drop_last=len(features) >= args.batch_size,
+                      generator=torch.Generator().manual_seed(args.seed))
+
+
+def evaluate_run(model, benchmark, backbone, base_names, args, device) -> dict:
+    """Accuracy of the learned prompts and of zero-shot CLIP on the base classes, the new classes and
+    the shifted test sets (restricted to the base classes); prints the table, returns the record."""
+    splits = {"base": data.subsample_classes(benchmark.test, benchmark.classnames, "base"),
+              "new": data.subsample_classes(benchmark.test, benchmark.classnames, "new")}
+    splits.update({name: (data.shift_items(items, base_names), base_names)
+                   for name, items in benchmark.shifts.items()})
+    method_name = "CoCoOp" if args.conditional else "CoOp"
+    rows, test_loss = {"zero-shot CLIP": {}, method_name: {}}, {}
     for split, (items, names) in splits.items():
         if split == "new" and args.csc:
             print("--csc: the learned contexts belong to base classes; no prompt exists for new classes")
             continue
-        feats, labels = encode_images(model, loader(items, False, args.test_batch_size), device)  # once per split
-        batches = list(zip(feats.split(args.test_batch_size), labels.split(args.test_batch_size)))
+        loader = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed, args.workers)
+        features, labels = encode_images(model, loader, device)  # once per split
+        batches = list(zip(features.split(args.test_batch_size), labels.split(args.test_batch_size)))
         model.prompt_learner.set_classes(names)
         metrics = evaluate(model, batches)
-        results[shown][split], test_loss[split] = metrics["acc"], metrics["loss"]
-        results["zero-shot CLIP"][split] = evaluate(ZeroShotCLIP(clip, backbone.tokenize, names, bench.template), batches)["acc"]
+        rows[method_name][split], test_loss[split] = metrics["acc"], metrics["loss"]
+        zero_shot = ZeroShotCLIP(backbone.model, backbone.tokenize, names, benchmark.template)
+        rows["zero-shot CLIP"][split] = evaluate(zero_shot, batches)["acc"]
     model.prompt_learner.set_classes(base_names)
-    for r in results.values():
-        r["hm"] = data.harmonic_mean(r["base"], r["new"]) if "new" in r else None
+    for row in rows.values():
+        row["hm"] = data.harmonic_mean(row["base"], row["new"]) if "new" in row else None
 
-    columns = ["base", "new", "hm", *bench.shifts]
-    print(f"\n{args.dataset}, {args.shots} shots, seed {args.seed}, epoch {epoch}, {backbone.name}/{backbone.pretrained}")
+    columns = ["base", "new", "hm", *benchmark.shifts]
+    print(f"\n{args.dataset}, {args.shots} shots, seed {args.seed}, epoch {args.epochs}, "
+          f"{backbone.name}/{backbone.pretrained}")
     print(f"{'':16}" + "".join(f"{c:>12}" for c in columns))
-    for row, r in results.items():
-        print(f"{row:16}" + "".join(f"{r[c]:12.2f}" if r.get(c) is not None else f"{'-':>12}" for c in columns))
+    for name, row in rows.items():
+        print(f"{name:16}" + "".join(f"{row[c]:12.2f}" if row.get(c) is not None else f"{'-':>12}" for c in columns))
+    ours = rows[method_name]
+    return dict(method="cocoop" if args.conditional else "coop", dataset=args.dataset, backbone=backbone.name,
+                pretrained=backbone.pretrained, shots=args.shots, seed=args.seed, epoch=args.epochs,
+                base=ours["base"], new=ours.get("new"), hm=ours["hm"],
+                shifts={s: ours[s] for s in benchmark.shifts}, zero_shot=rows["zero-shot CLIP"],
+                test_loss=test_loss, args=vars(args))
 
-    r = results[shown]
-    record = dict(method=method, dataset=args.dataset, backbone=backbone.name, pretrained=backbone.pretrained,
-                  shots=args.shots, seed=args.seed, epoch=epoch, base=r["base"], new=r.get("new"), hm=r["hm"],
-                  shifts={s: r[s] for s in bench.shifts}, zero_shot=results["zero-shot CLIP"],
-                  test_loss=test_loss, wall_s=round(time.time() - start_time, 1), args=vars(args))
-    if args.eval_only:  # a re-evaluation: its own file, nothing of the run is replaced or appended
-        data.atomic_write_text(json.dumps(record, indent=2), out / "eval_only.json")
-        return record
-    data.atomic_write_text(json.dumps(record, indent=2), out / "results.json")
-    data.atomic_save({**checkpoint, "metrics": record}, out / "checkpoint.pt")
-    data.append_result(Path(args.results_file or out.parent / "results.jsonl"), record)
-    print(f"wrote {out / 'results.json'}, {out / 'checkpoint.pt'}")
+
+# ------------------------------------------------------------------------------------------ saved runs
+def save_training(path, args, epoch, model, optimizer, train_loader):
+    """After each epoch, atomically: the learned tensors and everything the next epoch depends on (the
+    optimiser state, the random states of Python, NumPy, torch and the loader's shuffling). Plain
+    tensors, numbers and strings only, so that it loads with weights_only=True."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    data.atomic_save({
+        "learned": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "args": vars(args), "epoch": epoch, "metrics": None,
+        "optimizer": optimizer.state_dict(),
+        "rng": {"python": [python_state[0], list(python_state[1]), python_state[2]],
+                "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+                "torch": torch.get_rng_state(), "loader": train_loader.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }, path)
+
+
+def load_run(run_dir):
+    """The checkpoint of a run folder, read as tensors only (weights_only: a shared run folder cannot
+    run code), with a message that says what is wrong when it is missing or unreadable."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist: RUN_DIR must be the folder of a run that finished "
+                         "at least one epoch")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a checkpoint
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}: {e}); it is not a checkpoint "
+                         "written by this file, or it is damaged") from None
+
+
+def restore_training(saved, model, optimizer, train_loader):
+    """Put a saved epoch back (see save_training); returns the number of epochs already done."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(saved["learned"][name])
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.load_state_dict(saved["optimizer"])
+    for group in optimizer.param_groups:  # keep the one lr tensor the schedule fills
+        group["lr"] = lr
+    rng = saved["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    train_loader.generator.set_state(rng["loader"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    print(f"resuming after epoch {saved['epoch']} of {saved['args']['epochs']}")
+    return saved["epoch"]
+
+
+def reevaluate(args):
+    """Evaluate a finished run's learned tensors again with its saved settings; writes RUN_DIR/eval.json
+    and nothing else (the run's results and the results file are left as they are)."""
+    run_dir = Path(args.evaluate)
+    saved = load_run(run_dir)
+    if saved["epoch"] < saved["args"]["epochs"]:
+        raise SystemExit(f"error: {run_dir} stopped after epoch {saved['epoch']} of {saved['args']['epochs']}: "
+                         f"finish it with --resume {run_dir}")
+    args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in LOCAL_SETTINGS}})
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)  # as in main: a random-init backbone ('none') gets the same weights
+    benchmark = data.load_dataset(args.dataset, args.root, download=False)
+    backbone = data.load_backbone(args.model, args.pretrained, device)
+    _, base_names = data.subsample_classes(benchmark.test, benchmark.classnames, "base")
+    model = PromptedCLIP(backbone.model, backbone.tokenize, base_names, args).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(saved["learned"][name])
+    record = evaluate_run(model, benchmark, backbone, base_names, args, device)
+    data.atomic_write_text(json.dumps(record, indent=2), run_dir / "eval.json")
     return record
 
 

@@ -1,13 +1,16 @@
 """coop.py: the prompted model against CLIP itself (values, fp32, tight tolerances), the exact
-truncated text pass, CoCoOp against CoOp, the class-token layouts, the Dassl schedule, and an end-to-end
-run of the script on a tiny Caltech101 fixture that --eval-only --resume reproduces."""
+truncated text pass, CoCoOp against CoOp, the class-token layouts, the Dassl schedule, and end-to-end
+runs of the script on a tiny Caltech101 fixture that --evaluate reproduces."""
 import argparse
+import copy
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import open_clip
@@ -44,8 +47,8 @@ def prompted(clip, names=NAMES, **kw):
     return coop.PromptedCLIP(clip, open_clip.tokenize, names, settings(**kw))
 
 
-def images(n=3):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+def images(n=3, seed=2):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def test_word_init_gives_zero_shot_clip_logits(clip):
@@ -54,7 +57,8 @@ def test_word_init_gives_zero_shot_clip_logits(clip):
     model = prompted(clip)
     assert model.prompt_learner.ctx.shape == (4, 64)
     for truncate in (True, False):
-        model.text_encoder.truncate = truncate
+        model.prompt_learner.truncate = truncate
+        model.prompt_learner.set_classes(NAMES)
         torch.testing.assert_close(model(images()), expected, rtol=1e-5, atol=1e-5)
     assert expected.std() > 0.1  # the logits differ between classes: the comparison means something
 
@@ -62,10 +66,12 @@ def test_word_init_gives_zero_shot_clip_logits(clip):
 def test_truncated_text_pass_equals_full_pass_values_and_gradients(clip):
     model = prompted(clip, ctx_init="", n_ctx=16, csc=True)
     prompts, eot = model.prompt_learner()
-    assert prompts.shape == (5, 77, 64) and int(eot.max()) + 1 < 40  # really truncated
+    assert prompts.shape == (5, int(eot.max()) + 1, 64) and int(eot.max()) + 1 < 40  # really truncated
     out = {}
     for truncate in (True, False):
-        model.text_encoder.truncate = truncate
+        model.prompt_learner.truncate = truncate
+        model.prompt_learner.set_classes(NAMES)
+        assert model.prompt_learner()[0].shape[1] == (int(eot.max()) + 1 if truncate else 77)
         model.prompt_learner.ctx.grad = None
         features = model.text_encoder(*model.prompt_learner())  # [C, D]
         features.pow(2).sum().backward()
@@ -115,7 +121,7 @@ def test_meta_net_shape_and_input_is_normalised(clip):
 def test_class_token_position_orders_the_tokens(clip, position, text):
     learner = prompted(clip, class_token_position=position).prompt_learner
     prompts, eot = learner()
-    ids = open_clip.tokenize([text.format(n.replace("_", " ")) for n in NAMES])
+    ids = open_clip.tokenize([text.format(n.replace("_", " ")) for n in NAMES])[:, :prompts.shape[1]]
     torch.testing.assert_close(prompts, clip.token_embedding(ids), rtol=0, atol=0)
     assert torch.equal(eot, ids.argmax(-1))
 
@@ -123,8 +129,8 @@ def test_class_token_position_orders_the_tokens(clip, position, text):
 def test_class_specific_contexts(clip):
     learner = prompted(clip, ctx_init="", n_ctx=8, csc=True).prompt_learner
     assert learner.ctx.shape == (5, 8, 64)
-    prompts, _ = learner()
-    assert prompts.shape == (5, 77, 64)
+    prompts, eot = learner()
+    assert prompts.shape == (5, int(eot.max()) + 1, 64)
     prompts[2].sum().backward()  # class 2's prompt uses class 2's context only
     assert learner.ctx.grad[2].abs().sum() > 0 and learner.ctx.grad[[0, 1, 3, 4]].abs().sum() == 0
     words = prompted(clip, csc=True).prompt_learner.ctx  # word init: every class starts from the words
@@ -191,18 +197,18 @@ def run_coop(*argv, cwd):
     return proc.stdout
 
 
-def check_run(run, method):
+def check_run(run, method, epochs=2):
     """The files of a finished run; returns its results."""
     results = json.loads((run / "results.json").read_text())
-    assert results["method"] == method and results["shots"] == 2 and results["epoch"] == 2
+    assert results["method"] == method and results["shots"] == 2 and results["epoch"] == epochs
     assert results["hm"] == pytest.approx(2 * results["base"] * results["new"] / (results["base"] + results["new"]))
     assert set(results["zero_shot"]) >= {"base", "new", "hm"} and set(results["test_loss"]) == {"base", "new"}
     assert {p.name for p in run.iterdir()} >= {"args.json", "fewshot.json", "results.json", "checkpoint.pt"}
     assert len(json.loads((run / "fewshot.json").read_text())["items"]) == 2 * 4  # 2 shots x 4 classes
     lines = (run.parent / "results.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["base"] == results["base"]
-    ckpt = torch.load(run / "checkpoint.pt")
-    assert set(ckpt) == {"learned", "args", "epoch", "metrics"} and ckpt["epoch"] == 2
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(ckpt) == {"learned", "args", "epoch", "metrics", "optimizer", "rng"} and ckpt["epoch"] == epochs
     assert ckpt["metrics"]["test_loss"] == results["test_loss"]
     meta = {f"prompt_learner.meta_net.{layer}.{p}" for layer in ("linear1", "linear2") for p in ("weight", "bias")}
     assert set(ckpt["learned"]) == {"prompt_learner.ctx"} | (meta if method == "cocoop" else set())  # nothing frozen
@@ -210,7 +216,7 @@ def check_run(run, method):
 
 
 def check_reproduced(run, results):
-    again = json.loads((run / "eval_only.json").read_text())
+    again = json.loads((run / "eval.json").read_text())
     for key in ("base", "new", "hm", "zero_shot", "epoch"):
         assert again[key] == results[key], key
     for split, loss in results["test_loss"].items():  # continuous: a different model would not match
@@ -218,33 +224,143 @@ def check_reproduced(run, results):
     assert len((run.parent / "results.jsonl").read_text().splitlines()) == 1  # re-evaluation appends nothing
 
 
-def test_smoke_run_as_a_script_then_eval_only_reproduces(tmp_path):
-    caltech_fixture(tmp_path / "data")
+COMMON = ["--workers", "0", "--device", "cpu"]
+
+
+def fixture_run(tmp_path, *extra, name="run1"):
+    caltech_fixture(tmp_path / "data") if not (tmp_path / "data").exists() else None
+    return ["--dataset", "caltech101", "--model", TINY_NAME, "--pretrained", "none", "--shots", "2",
+            "--root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs" / name), *COMMON, *extra]
+
+
+def test_smoke_run_as_a_script_then_evaluate_reproduces(tmp_path):
     run = tmp_path / "runs" / "run1"
-    common = ["--root", str(tmp_path / "data"), "--workers", "0", "--device", "cpu"]
-    stdout = run_coop("--dataset", "caltech101", "--model", TINY_NAME, "--pretrained", "none", "--shots", "2",
-                      "--epochs", "2", "--output-dir", str(run), *common, cwd=tmp_path)
+    stdout = run_coop(*fixture_run(tmp_path, "--epochs", "2"), cwd=tmp_path)
     assert "zero-shot CLIP" in stdout and "CoOp" in stdout
     results = check_run(run, "coop")
-    run_coop("--eval-only", "--resume", str(run), *common, cwd=tmp_path)
+    run_coop("--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON, cwd=tmp_path)
     check_reproduced(run, results)
 
 
-def test_cocoop_run_in_process_refuses_overwrite_and_eval_only_reproduces(tmp_path, monkeypatch):
+def test_cocoop_run_in_process_refuses_overwrite_and_evaluate_reproduces(tmp_path, monkeypatch):
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
-    caltech_fixture(tmp_path / "data")
     run = tmp_path / "runs" / "run1"
-    common = ["--root", str(tmp_path / "data"), "--workers", "0", "--device", "cpu"]
-    train = ["--dataset", "caltech101", "--model", TINY_NAME, "--pretrained", "none", "--shots", "2",
-             "--epochs", "2", "--output-dir", str(run), *common]
+    train = fixture_run(tmp_path, "--epochs", "2")
     coop.main(coop.parse_args([*train, "--conditional", "--batch-size", "2"]))
     results = check_run(run, "cocoop")
     saved = (run / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit, match="already holds a checkpoint"):  # a finished run is never overwritten
         coop.main(coop.parse_args(train))
     assert (run / "checkpoint.pt").read_bytes() == saved
-    coop.main(coop.parse_args(["--eval-only", "--resume", str(run), *common]))
+    coop.main(coop.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
     check_reproduced(run, results)
+
+
+def test_csc_run_end_to_end_has_no_new_class_prompts(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    record = coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "2", "--csc")))
+    ckpt = torch.load(tmp_path / "runs" / "run1" / "checkpoint.pt", weights_only=True)
+    assert ckpt["learned"]["prompt_learner.ctx"].shape == (2, 4, 64)  # one context per base class
+    assert record["new"] is None and record["hm"] is None and 0 <= record["base"] <= 100
+
+
+def test_overwrite_replaces_the_whole_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    run = tmp_path / "runs" / "run1"
+    coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "1")))
+    coop.main(coop.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
+    assert (run / "eval.json").exists()
+    coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "2", "--overwrite")))
+    assert not (run / "eval.json").exists()  # nothing of the old run stays beside the new results
+    assert json.loads((run / "results.json").read_text())["epoch"] == 2
+
+
+def test_default_world_run_two_epochs_on_cached_features(tmp_path):
+    """The default path (the offline world, cached image features), shortened to 2 epochs."""
+    record = coop.main(coop.parse_args(["--epochs", "2", "--output-dir", str(tmp_path / "run"), *COMMON]))
+    assert record["dataset"] == "shapes" and record["backbone"] == "tiny" and record["epoch"] == 2
+    # zero-shot CLIP on the world is fixed by the shipped tiny CLIP and the renderer (README table)
+    assert (round(record["zero_shot"]["base"], 2), round(record["zero_shot"]["new"], 2)) == (17.58, 51.75)
+    assert set(record["shifts"]) == {"photo", "noisy", "vivid", "lowcontrast"}
+    assert abs(record["base"] - record["zero_shot"]["base"]) < 10  # 2 epochs at warm-up lr move little
+
+
+def learned(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)["learned"]
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real training process after a few epochs, --resume it, and get bit for bit the
+    learned tensors and numbers of a run that was never interrupted (CPU, augmentation on)."""
+    epochs = ["--epochs", "40", "--batch-size", "2"]
+    whole = tmp_path / "runs" / "whole"
+    run_coop(*fixture_run(tmp_path, *epochs, name="whole"), cwd=tmp_path)
+    killed = tmp_path / "runs" / "killed"
+    project = tmp_path / "project"
+    code = (f"import open_clip, runpy, sys; open_clip.factory._MODEL_CONFIGS[{TINY_NAME!r}] = {TINY!r}; "
+            f"sys.path.insert(0, '.'); sys.argv = ['coop.py', *{fixture_run(tmp_path, *epochs, name='killed')!r}]; "
+            f"runpy.run_path('coop.py', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a few completed epochs, then kill without warning
+        try:
+            if torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] >= 3:
+                break
+        except Exception:  # not written yet
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 3 <= stopped_at < 40 and not (killed / "results.json").exists()
+    stdout = run_coop("--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON, cwd=tmp_path)
+    assert f"resuming after epoch {stopped_at}" in stdout
+    for name, tensor in learned(whole).items():
+        assert torch.equal(tensor, learned(killed)[name]), name
+    a, b = (json.loads((r / "results.json").read_text()) for r in (whole, killed))
+    assert (a["base"], a["new"], a["test_loss"]) == (b["base"], b["new"], b["test_loss"])
+
+
+def test_a_run_killed_during_evaluation_is_finished_by_resume(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    run = tmp_path / "runs" / "run1"
+    real = coop.evaluate_run
+    monkeypatch.setattr(coop, "evaluate_run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "2")))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2 and not (run / "results.json").exists()
+    monkeypatch.setattr(coop, "evaluate_run", real)
+    coop.main(coop.parse_args(["--resume", str(run), "--root", str(tmp_path / "data"), *COMMON]))
+    check_run(run, "coop")
+    with pytest.raises(SystemExit, match="is finished"):
+        coop.main(coop.parse_args(["--resume", str(run), "--root", str(tmp_path / "data"), *COMMON]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--lr", "nan"], "--lr nan: must be a finite number above 0"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
+    (["--n-ctx", "0", "--ctx-init", ""], "--n-ctx 0 with an empty --ctx-init"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--shots", "-1"], "--shots -1: must be at least 1"),
+    (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number"),
+    (["--csc", "--conditional"], "--csc is CoOp's class-specific context"),
+])
+def test_a_setting_that_would_give_wrong_numbers_is_refused_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as error:
+        coop.main(coop.parse_args(["--output-dir", str(tmp_path / "run"), *COMMON, *flags]))
+    assert message in str(error.value) and str(error.value).startswith("error: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_or_evaluate_of_a_folder_without_a_readable_checkpoint_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        coop.main(coop.parse_args(["--resume", str(tmp_path / "nothing"), *COMMON]))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match="checkpoint.pt cannot be read"):
+        coop.main(coop.parse_args(["--evaluate", str(tmp_path / "broken"), *COMMON]))
 
 
 def test_a_run_whose_data_is_missing_stops_clearly_and_writes_nothing(tmp_path):
@@ -253,3 +369,49 @@ def test_a_run_whose_data_is_missing_stops_clearly_and_writes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="101_ObjectCategories"):
         coop.main(args)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- the captured step
+def sgd(model, device="cpu"):
+    learned = [p for p in model.parameters() if p.requires_grad]
+    lr = torch.tensor(0.002, device=device, dtype=torch.float64 if device == "cpu" else torch.float32)
+    return torch.optim.SGD(learned, lr=lr, momentum=0.9, weight_decay=5e-4, fused=device == "cuda")
+
+
+def losses_of(step, model, optimizer, batches):
+    return [step(model, optimizer, x, y)[0].item() if step is coop.train_step else step(x, y)[0].item()
+            for x, y in batches]
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_warm_up_before_recording_leaves_the_training_trajectory_unchanged(clip, conditional):
+    """Recording a CUDA graph runs warm-up steps first; they must leave no trace (learned tensors,
+    momentum): the steps after them equal those of a model that never warmed up."""
+    batches = [(images(4), torch.tensor([0, 1, 2, 3])) for _ in range(3)]
+    plain = prompted(clip, conditional=conditional)
+    warmed = prompted(clip, conditional=conditional)
+    opt_plain, opt_warmed = sgd(plain), sgd(warmed)
+    coop.CapturedStep(coop.train_step, warmed, opt_warmed).warm_up([images(4, seed=9), torch.tensor([4, 3, 2, 1])])
+    assert all(torch.count_nonzero(s["momentum_buffer"]) == 0 for s in opt_warmed.state.values())
+    expected = losses_of(coop.train_step, plain, opt_plain, batches)
+    assert losses_of(coop.train_step, warmed, opt_warmed, batches) == expected
+    for a, b in zip(plain.parameters(), warmed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("conditional", [False, True])
+def test_captured_step_gives_the_eager_losses_on_cuda(clip, conditional):
+    gpu_clip = copy.deepcopy(clip).cuda()
+    batches = [(images(4, seed=i).cuda(), torch.tensor([0, 1, 2, 3]).cuda()) for i in range(6)]
+    eager, captured = prompted(gpu_clip, conditional=conditional), prompted(gpu_clip, conditional=conditional)
+    opt_eager, opt_captured = sgd(eager, "cuda"), sgd(captured, "cuda")
+    expected = losses_of(coop.train_step, eager, opt_eager, batches[:3])
+    step = coop.CapturedStep(coop.train_step, captured, opt_captured)
+    got = [step(x, y)[0].item() for x, y in batches[:3]]
+    assert got == pytest.approx(expected, rel=1e-3)
+    opt_eager.param_groups[0]["lr"].fill_(0.5), opt_captured.param_groups[0]["lr"].fill_(0.5)  # lr read on device
+    expected = losses_of(coop.train_step, eager, opt_eager, batches[3:])
+    assert [step(x, y)[0].item() for x, y in batches[3:]] == pytest.approx(expected, rel=1e-3)
+    for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -1,0 +1,22 @@
+"""kernels/bench.py steps: the step benchmark runs a method file's own model and train_step."""
+import sys
+
+import pytest
+
+from kernels import bench_steps
+
+
+def test_step_benchmark_on_two_steps_times_each_variant_of_both_methods(capsys):
+    results = bench_steps.main(["--model", "tiny", "--pretrained", "shapes", "--classes", "world", "--steps", "2",
+                                "--repeats", "1", "--device", "cpu"])
+    assert [r["method"] for r in results] == ["coop", "cocoop"] and [r["batch"] for r in results] == [32, 1]
+    for r in results:
+        assert set(r["times"]) == {"full", "eager"} and all(t > 0 for t in r["times"].values())
+        assert r["classes"] == 12 and r["longest"] < r["context"]  # the world's base names, truncated
+    assert "ratio = full / variant" in capsys.readouterr().out
+
+
+def test_caltech_names_are_the_50_base_classes_in_coop_order():
+    names = bench_steps.class_names("caltech101")
+    assert len(names) == 50 and names[:4] == ["face", "leopard", "motorbike", "accordion"]
+    assert names[-1] == "helicopter" and len(bench_steps.CALTECH101_FOLDERS) == 100
