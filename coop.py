@@ -485,7 +485,10 @@ def main(args):
     lr = torch.tensor(args.lr, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     optimizer = torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 fused=device.type == "cuda")
-    step = train_step if device.type != "cuda" or args.eager else CapturedStep(train_step, model, optimizer)
+    if device.type == "cuda" and not args.eager:
+        step = CapturedStep(train_step, model, optimizer)  # same step, replayed as one CUDA graph
+    else:
+        step = lambda x, y: train_step(model, optimizer, x, y)  # noqa: E731
     print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images "
           f"of {len(base_names)} base classes")
     start_epoch = restore_training(saved, model, optimizer, train_loader) if saved else 0
@@ -495,7 +498,7 @@ def main(args):
         lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
         step_losses, correct, seen = [], 0, 0
         for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False):
-            loss, n_correct = step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss, n_correct = step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             step_losses.append(loss)
             correct, seen = correct + n_correct, seen + len(y)
         step_losses = torch.stack(step_losses).cpu()  # one wait for the device per epoch
