@@ -3,7 +3,7 @@
 The one module shared by coop.py, promptsrc.py, vprompt.py and proreg.py. It never branches on a
 method. Sections, top to bottom:
 
-  1. small utilities (atomic writes, seeding, harmonic mean)
+  1. small utilities (the UsageError type and setting checks, atomic writes, seeding)
   2. backbones: open_clip models by name + pretrained tag (QuickGELU for OpenAI weights), and the
      built-in tiny CLIP of the offline world
   3. class names and prompt templates as CoOp uses them
@@ -35,6 +35,17 @@ API CONTRACT (used by the method files; keep these names and meanings):
   harmonic_mean(base, new); atomic_save(obj, path); atomic_write_text(text, path);
   append_result(path, record)
 
+  UsageError(ValueError): the user's mistake (a setting, a file, a folder), with a message naming the
+      value or file and what to do. Sections 1-5 and 7 raise it (or a subclass) for bad input;
+      a method file ends with
+          try: main(parse_args())
+          except data.UsageError as err: print(f"error: {err}", file=sys.stderr); sys.exit(2)
+      Subclasses: MissingFileError (also a FileNotFoundError: a dataset folder, list, checkpoint or
+      weights file that is not there). Anything else is a bug and keeps its traceback.
+  require(condition, message); check_int(name, value, minimum);
+  check_float(name, value, minimum=None, above=None, below=None): setting checks that raise
+      UsageError, e.g. check_float("--lr", args.lr, above=0) -> "--lr must be a finite number > 0, got nan"
+
 Also public: Item (the NamedTuple above), seed_everything(seed), CUSTOM_TEMPLATES[dataset],
 IMAGENET_TEMPLATES (OpenAI's 80) and IMAGENET_TEMPLATES_SELECT, CLIP_MEAN/CLIP_STD, DATASETS (the
 registry of real datasets), make_transform(backbone, train), read_results(dir), results_table(records).
@@ -46,6 +57,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -80,6 +92,57 @@ def seed_everything(seed: int) -> None:
 def harmonic_mean(base: float, new: float) -> float:
     """HM = 2BN / (B + N), the base-to-new summary number (0 when both are 0)."""
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+class UsageError(ValueError):
+    """A mistake in what the user gave (a setting, a file, a folder), with a message that names the
+    value or file and says what to do. The method files catch it in `__main__` and print
+    `error: <message>` (exit code 2) instead of a traceback; everything else is a bug and keeps its
+    traceback."""
+
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error comes back re-made from its formatted traceback ("Caught
+        # UsageError in DataLoader worker process 0.\nOriginal Traceback ... data.UsageError: <msg>"):
+        # keep <msg>, the part the user needs.
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            ends = list(re.finditer(rf"^(?:[\w.]*\.)?{type(self).__name__}: ", message, re.M))
+            message = message[ends[-1].end():].rstrip("\n") if ends else message
+        super().__init__(message)
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """A dataset folder, image list, checkpoint or weights file that is not there (also a
+    FileNotFoundError)."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise UsageError(message) unless `condition`: a one-line check for the method files."""
+    if not condition:
+        raise UsageError(message)
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """`value` (the setting called `name`, e.g. '--epochs') is an integer >= minimum."""
+    require(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum,
+            f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(name: str, value, *, minimum=None, above=None, below=None) -> None:
+    """`value` is a finite number, >= minimum, > above and < below (each bound when given):
+    check_float('--lr', lr, above=0), check_float('--momentum', m, minimum=0, below=1)."""
+    bounds = [f"{op} {b}" for op, b in ((">=", minimum), (">", above), ("<", below)) if b is not None]
+    wanted = f"{name} must be a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    require(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
+            f"{wanted}, got {value!r}")
+    require((minimum is None or value >= minimum) and (above is None or value > above)
+            and (below is None or value < below), f"{wanted}, got {value!r}")
+
+
+def _reason(err: BaseException, limit: int = 200) -> str:
+    """'Type: first sentence' of an exception, on one line (torch's messages run to paragraphs)."""
+    text = re.split(r"(?<=\.)\s", " ".join(str(err).split()))[0].rstrip(".")
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _atomic_write(path, write: Callable) -> None:
@@ -297,7 +360,7 @@ class Benchmark:
 
 def open_rgb(path) -> Image.Image:
     """Open any image file as RGB. Grayscale, CMYK, palette and RGBA images are converted; a corrupt
-    or truncated file raises ValueError naming it: a skipped image would change the test set."""
+    or truncated file raises UsageError naming it: a skipped image would change the test set."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -305,7 +368,7 @@ def open_rgb(path) -> Image.Image:
                 img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}. Replace the file (download it again).") from err
+        raise UsageError(f"cannot read image {path}: {err}. Replace the file (download it again).") from err
 
 
 def _listdir(path) -> list:
@@ -453,7 +516,7 @@ def _imagenet_classnames(ds: Path) -> dict:
     for path in (ds / "classnames.txt", ds.parent / "imagenet" / "classnames.txt"):
         if path.exists():
             return _read_classnames(path)
-    raise FileNotFoundError(f"{ds / 'classnames.txt'} not found: copy imagenet/classnames.txt there "
+    raise MissingFileError(f"{ds / 'classnames.txt'} not found: copy imagenet/classnames.txt there "
                             f"(the 'wnid name' list of CoOp's DATASETS.md: {COOP_DATASETS_MD})")
 
 
@@ -566,24 +629,36 @@ DATASETS = {
 IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
-def _missing(name: str, root: Path, what: str) -> FileNotFoundError:
+def _missing(name: str, root: Path, what: str, download_hint: bool = True) -> MissingFileError:
     spec = DATASETS[name]
-    hint = " Or pass download=True (--download): torchvision fetches it." if spec.torchvision else ""
-    return FileNotFoundError(
+    hint = " Or pass download=True (--download): torchvision fetches it." if spec.torchvision and download_hint else ""
+    return MissingFileError(
         f"{name}: {what}.\nGet it from {spec.source}; CoOp's instructions and split files: "
         f"{COOP_DATASETS_MD}.{hint}\nExpected layout under {root}:\n{spec.layout()}")
 
 
 def _read_split_json(path: Path, image_dir: Path):
     """split_zhou JSON: {"train"|"val"|"test": [[relative path, label, classname], ...]}."""
-    split = json.loads(path.read_text())
-    return tuple([Item(str(image_dir / rel), int(label), name) for rel, label, name in split[s]]
-                 for s in ("train", "val", "test"))
+    fix = (f"It should be CoOp's split file, unchanged: download it again ({COOP_DATASETS_MD}), or delete "
+           f"it to use the seeded auto-split (numbers then not comparable with the papers').")
+    try:
+        split = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not a text file (byte {err.start} is not UTF-8). {fix}") from err
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. {fix}") from err
+    try:
+        return tuple([Item(str(image_dir / rel), int(label), name) for rel, label, name in split[s]]
+                     for s in ("train", "val", "test"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"{path} is JSON but not a split file ({type(err).__name__}: {err}); expected "
+                         f'{{"train"|"val"|"test": [[relative path, label, classname], ...]}}. {fix}') from err
 
 
 def _download(name: str, root: Path) -> None:
     """torchvision download into <folder>/_torchvision, then its inner folder's files moved up into
-    CoOp's layout (the same code then reads downloads and hand-made folders)."""
+    CoOp's layout (the same code then reads downloads and hand-made folders). A failed download
+    (no network, a dead link, a bad checksum) removes what it created and raises MissingFileError."""
     spec = DATASETS[name]
     if spec.torchvision is None:
         raise _missing(name, root, "torchvision cannot download it (dead links, video-only, or manual)")
@@ -591,10 +666,18 @@ def _download(name: str, root: Path) -> None:
 
     cls, inner = spec.torchvision
     ds, tmp = root / spec.folder, root / spec.folder / "_torchvision"
-    getattr(torchvision.datasets, cls)(str(tmp), download=True)
-    for child in (tmp / inner).iterdir():
-        if not (ds / child.name).exists():
-            shutil.move(str(child), str(ds / child.name))
+    created = [p for p in (root, ds) if not p.exists()]  # outermost first: what a failure removes
+    try:
+        getattr(torchvision.datasets, cls)(str(tmp), download=True)
+        for child in (tmp / inner).iterdir():
+            if not (ds / child.name).exists():
+                shutil.move(str(child), str(ds / child.name))
+    except BaseException as err:
+        shutil.rmtree(created[0] if created else tmp, ignore_errors=True)  # never a folder that was there
+        if not isinstance(err, Exception):  # Ctrl-C: cleaned up, stop as asked
+            raise
+        raise _missing(name, root, f"the download failed (torchvision.datasets.{cls}: {_reason(err)}); nothing "
+                       f"was kept. Without network, download it by hand", download_hint=False) from err
     shutil.rmtree(tmp)  # the archives
 
 
@@ -603,9 +686,12 @@ def _classnames(name: str, splits) -> list:
     names = {}
     for item in (it for split in splits for it in split):
         if names.setdefault(item.label, item.classname) != item.classname:
-            raise ValueError(f"{name}: label {item.label} has two names: {names[item.label]!r}, {item.classname!r}")
+            raise UsageError(f"{name}: label {item.label} has two names: {names[item.label]!r}, {item.classname!r} "
+                             f"(e.g. {item.source}). The split file or image lists were edited or mixed; get "
+                             f"them again ({COOP_DATASETS_MD})")
     if sorted(names) != list(range(len(names))):
-        raise ValueError(f"{name}: labels are not 0..{len(names) - 1}")
+        raise UsageError(f"{name}: labels are not 0..{len(names) - 1} (found {min(names)}..{max(names)}). The split "
+                         f"file or image lists were edited or mixed; get them again ({COOP_DATASETS_MD})")
     return [names[i] for i in range(len(names))]
 
 
@@ -651,7 +737,7 @@ def load_dataset(name: str, root, download: bool = False) -> Benchmark:
     if name.startswith(WORLD_PREFIX):
         return _world_benchmark(name)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}. Known: {', '.join(DATASETS)}, and the offline "
+        raise UsageError(f"unknown dataset {name!r}. Known: {', '.join(DATASETS)}, and the offline "
                          f"world's '{WORLD_PREFIX}...' benchmarks")
     root = Path(root).expanduser()
     spec = DATASETS[name]
@@ -681,15 +767,18 @@ def fewshot(items: list, shots: int, seed: int, cache=None) -> list:
     from each group - from a Random(seed) of its own, so the draw does not depend on what else used
     the global RNG. A class with fewer than K items keeps all of them (CoOp's repeat=False) with a
     warning. `cache`: a JSON path; an existing file is reused (checked against shots, seed, items)."""
-    if shots <= 0:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+    check_int("shots", shots, 1)
     items = [Item(*it) for it in items]
     if cache is not None and Path(cache).exists():
-        saved = json.loads(Path(cache).read_text())
-        chosen = [Item(*it) for it in saved["items"]]
-        if saved["shots"] != shots or saved["seed"] != seed or not set(chosen) <= set(items):
-            raise ValueError(f"few-shot cache {cache} was made for other data (shots {saved['shots']}, seed "
-                             f"{saved['seed']}); delete it or pass another path")
+        try:
+            saved = json.loads(Path(cache).read_text())
+            chosen = [Item(*it) for it in saved["items"]]
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise UsageError(f"few-shot cache {cache} is damaged ({type(err).__name__}: {err}); delete it "
+                             f"(it is rebuilt from the seed)") from err
+        if saved.get("shots") != shots or saved.get("seed") != seed or not set(chosen) <= set(items):
+            raise UsageError(f"few-shot cache {cache} was made for other data (shots {saved.get('shots')}, seed "
+                             f"{saved.get('seed')}); delete it or pass another path")
         return chosen
     groups = defaultdict(list)
     for item in items:

@@ -1,0 +1,170 @@
+"""No bad input runs silently: each class of user mistake raises data.UsageError (one message that
+names the value or file and says what to do), and leaves nothing behind. One test per mistake."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jpeg(path, size=(8, 8)):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 30, 30)).save(path, "JPEG")
+    return path
+
+
+def tree(folder) -> dict:
+    """Every file and folder under `folder` with its bytes (None for a folder): 'nothing was written'."""
+    folder = Path(folder)
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def make_dtd(root, per_class=5):
+    for texture in ("banded", "dotted"):
+        for i in range(per_class):
+            jpeg(Path(root) / "dtd" / "images" / texture / f"{texture}_{i:04d}.jpg")
+    return Path(root) / "dtd"
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets: split files, folders, images, names, downloads
+# ------------------------------------------------------------------------------------------------
+
+def test_malformed_split_json_names_file_position_and_source(tmp_path):
+    ds = make_dtd(tmp_path)
+    split = ds / "split_zhou_DescribableTextures.json"
+    split.write_text('{"train": [["banded/banded_0000.jpg", 0, "banded"]], "val": [')  # a cut-off download
+    before = tree(tmp_path)
+    with pytest.raises(data.UsageError) as err:
+        data.load_dataset("dtd", tmp_path)
+    message = str(err.value)
+    assert str(split) in message and "not valid JSON" in message and "line 1, column" in message
+    assert "CoOp's split file" in message and data.COOP_DATASETS_MD in message
+    assert tree(tmp_path) == before
+    # valid JSON of the wrong shape: also named, not a KeyError deep in the reader
+    split.write_text(json.dumps({"train": [], "val": []}))
+    with pytest.raises(data.UsageError, match=r"(?s)split_zhou_DescribableTextures.json is JSON but not a split "
+                                              r"file.*'test'.*CoOp's split file"):
+        data.load_dataset("dtd", tmp_path)
+    split.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(data.UsageError, match="split_zhou_DescribableTextures.json is not a text file"):
+        data.load_dataset("dtd", tmp_path)
+
+
+def test_split_json_with_conflicting_labels_is_named(tmp_path):
+    ds = make_dtd(tmp_path)
+    rows = [["banded/banded_0000.jpg", 0, "banded"], ["dotted/dotted_0000.jpg", 0, "dotted"]]  # label 0 twice
+    (ds / "split_zhou_DescribableTextures.json").write_text(json.dumps({"train": rows, "val": [], "test": []}))
+    with pytest.raises(data.UsageError, match=r"dtd: label 0 has two names: 'banded', 'dotted' \(e.g. .*dotted_0000"):
+        data.load_dataset("dtd", tmp_path)
+
+
+def test_missing_dataset_folder_is_a_usage_error_with_the_layout(tmp_path):
+    before = tree(tmp_path)
+    with pytest.raises(data.UsageError) as err:
+        data.load_dataset("dtd", tmp_path)
+    assert isinstance(err.value, data.MissingFileError) and isinstance(err.value, FileNotFoundError)
+    message = str(err.value)
+    assert str(tmp_path / "dtd" / "images") in message and "Expected layout" in message
+    assert "--download" in message  # torchvision can fetch DTD
+    assert tree(tmp_path) == before
+
+
+def test_unknown_dataset_name_lists_the_valid_ones(tmp_path):
+    with pytest.raises(data.UsageError, match=r"unknown dataset 'dtdd'.*caltech101.*\bdtd\b.*imagenet_r.*shapes"):
+        data.load_dataset("dtdd", tmp_path)
+
+
+def test_corrupt_image_names_the_file_also_from_a_loader_worker(tmp_path):
+    good, bad = jpeg(tmp_path / "good.jpg"), tmp_path / "cut.jpg"
+    bad.write_bytes(good.read_bytes()[:40])  # a truncated download
+    with pytest.raises(data.UsageError, match=f"cannot read image {bad}.*download it again"):
+        data.open_rgb(bad)
+    items = [data.Item(str(good), 0, "a"), data.Item(str(bad), 0, "a")]
+    bench = data.Benchmark("t", ["a"], items, [], items, "{}", open_image=data.open_rgb)
+    backbone = data.Backbone(None, None, "none", None, 8, data.CLIP_MEAN, data.CLIP_STD)
+    # in a worker process the error comes back re-made from its traceback text: the message stays one
+    # line that a method file can print
+    with pytest.raises(data.UsageError) as err:
+        list(data.make_loader(items, bench, backbone, train=False, batch_size=1, workers=1))
+    assert str(err.value).startswith(f"cannot read image {bad}:") and "Traceback" not in str(err.value)
+
+
+def test_failed_download_removes_what_it_made(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline_eurosat(root, download):  # a partial archive, then the network goes away
+        Path(root).mkdir(parents=True)
+        (Path(root) / "EuroSAT.zip.part").write_bytes(b"half")
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "EuroSAT", offline_eurosat)
+    (tmp_path / "dtd").mkdir()  # a dataset already there stays
+    before = tree(tmp_path)
+    for root in (tmp_path, tmp_path / "new_root"):  # the dataset folder, and the root too, were made here
+        with pytest.raises(data.MissingFileError) as err:
+            data.load_dataset("eurosat", root, download=True)
+        message = str(err.value)
+        assert message.startswith("eurosat: the download failed (torchvision.datasets.EuroSAT: URLError")
+        assert "name resolution" in message and "nothing was kept" in message
+        assert "github.com/phelber/eurosat" in message and "Expected layout" in message and "2750/" in message
+        assert "--download" not in message  # it was passed: the advice is the manual layout
+        assert tree(tmp_path) == before
+    assert not (tmp_path / "new_root").exists()
+
+
+def test_fewshot_bad_shots_and_damaged_cache(tmp_path):
+    items = [data.Item(f"{i}.jpg", i % 2, f"c{i % 2}") for i in range(8)]
+    with pytest.raises(data.UsageError, match="shots must be an integer >= 1, got 0"):
+        data.fewshot(items, 0, seed=1)
+    cache = tmp_path / "fewshot.json"
+    cache.write_text('{"shots": 2, "seed": 1, "items": [')  # cut off
+    with pytest.raises(data.UsageError, match=f"few-shot cache {cache} is damaged.*delete it"):
+        data.fewshot(items, 2, seed=1, cache=cache)
+    assert cache.read_text() == '{"shots": 2, "seed": 1, "items": ['  # not silently redrawn over
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("check, message", [
+    (lambda: data.check_int("--epochs", 0, 1), "--epochs must be an integer >= 1, got 0"),
+    (lambda: data.check_int("--batch-size", 2.5, 1), "--batch-size must be an integer >= 1, got 2.5"),
+    (lambda: data.check_int("--shots", True, 1), "--shots must be an integer >= 1, got True"),
+    (lambda: data.check_float("--lr", float("nan"), above=0), "--lr must be a finite number > 0, got nan"),
+    (lambda: data.check_float("--lr", float("inf"), above=0), "--lr must be a finite number > 0, got inf"),
+    (lambda: data.check_float("--lr", 0.0, above=0), "--lr must be a finite number > 0, got 0.0"),
+    (lambda: data.check_float("--lr", "0.1", above=0), "--lr must be a finite number > 0, got '0.1'"),
+    (lambda: data.check_float("--momentum", 1.0, minimum=0, below=1),
+     "--momentum must be a finite number >= 0 and < 1, got 1.0"),
+    (lambda: data.check_float("--weight-decay", -1e-4, minimum=0), "--weight-decay must be a finite number >= 0, got -0.0001"),
+    (lambda: data.require(False, "--n-ctx must be >= 1 when --ctx-init is empty"), "--n-ctx must be >= 1 when"),
+])
+def test_setting_checks_name_the_setting_and_value(check, message):
+    with pytest.raises(data.UsageError) as err:
+        check()
+    assert str(err.value).startswith(message)
+
+
+def test_setting_checks_pass_good_values():
+    import numpy as np
+    data.check_int("--epochs", 1, 1)
+    data.check_int("--shots", np.int64(16), 1)  # numbers from NumPy are numbers
+    data.check_int("--warmup-epochs", 0, 0)
+    data.check_float("--lr", 2e-3, above=0)
+    data.check_float("--momentum", 0.9, minimum=0, below=1)
+    data.check_float("--weight-decay", 0, minimum=0)
+    data.require(True, "never raised")
