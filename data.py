@@ -3,7 +3,7 @@
 The one module shared by coop.py, promptsrc.py, vprompt.py and proreg.py. It never branches on a
 method. Sections, top to bottom:
 
-  1. small utilities (the UsageError type and setting checks, atomic writes, seeding)
+  1. small utilities (the UsageError type and setting checks, atomic writes, checkpoints, seeding)
   2. backbones: open_clip models by name + pretrained tag (QuickGELU for OpenAI weights), and the
      built-in tiny CLIP of the offline world
   3. class names and prompt templates as CoOp uses them
@@ -33,7 +33,7 @@ API CONTRACT (used by the method files; keep these names and meanings):
   make_loader(items, benchmark, backbone, train, batch_size, seed, workers) -> DataLoader of
       (images [B, 3, H, W] float normalised, labels [B] long)
   harmonic_mean(base, new); atomic_save(obj, path); atomic_write_text(text, path);
-  append_result(path, record)
+  load_checkpoint(path) -> dict (CPU, weights_only); append_result(path, record)
 
   UsageError(ValueError): the user's mistake (a setting, a file, a folder), with a message naming the
       value or file and what to do. Sections 1-5 and 7 raise it (or a subclass) for bad input;
@@ -41,7 +41,8 @@ API CONTRACT (used by the method files; keep these names and meanings):
           try: main(parse_args())
           except data.UsageError as err: print(f"error: {err}", file=sys.stderr); sys.exit(2)
       Subclasses: MissingFileError (also a FileNotFoundError: a dataset folder, list, checkpoint or
-      weights file that is not there). Anything else is a bug and keeps its traceback.
+      weights file that is not there), WriteError (also an OSError: a write that failed, e.g. a
+      full disk; the previous file is unchanged). Anything else is a bug and keeps its traceback.
   require(condition, message); check_int(name, value, minimum);
   check_float(name, value, minimum=None, above=None, below=None): setting checks that raise
       UsageError, e.g. check_float("--lr", args.lr, above=0) -> "--lr must be a finite number > 0, got nan"
@@ -115,6 +116,10 @@ class MissingFileError(UsageError, FileNotFoundError):
     FileNotFoundError)."""
 
 
+class WriteError(UsageError, OSError):
+    """A file could not be written (full disk, no permission); an existing file is left unchanged."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise UsageError(message) unless `condition`: a one-line check for the method files."""
     if not condition:
@@ -145,24 +150,66 @@ def _reason(err: BaseException, limit: int = 200) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind `err`: torch.save reports a failed write as a RuntimeError whose context
+    holds the OSError."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def _atomic_write(path, write: Callable) -> None:
-    # Temp file in the same directory, then os.replace: a reader never sees a half-written file,
-    # and a crash leaves the old file intact.
+    # Temp file in the same directory, fsync, then os.replace: a reader never sees a half-written
+    # file, and a crash or a full disk leaves the old file intact.
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+        tmp = None
+    except Exception as err:
+        if tmp is not None:
+            os.unlink(tmp)
+        os_err = _os_error(err)
+        if os_err is None:  # not the disk: e.g. an object torch.save cannot pickle, a bug
+            raise
+        raise WriteError(f"cannot write {path}: {os_err.strerror or os_err}. Nothing was written (an existing "
+                         f"file there is unchanged). Free space on that disk, or write somewhere else.") from err
+    except BaseException:  # Ctrl-C mid-write: no temp file left behind
+        if tmp is not None:
+            os.unlink(tmp)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # POSIX: fsync the folder so that the rename survives a power cut
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save(obj, path), atomically."""
+    """torch.save(obj, path), atomically. A failed write raises WriteError and changes nothing."""
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load(path) of a checkpoint: onto the CPU, tensors and plain Python values only
+    (weights_only: a checkpoint cannot run code). A missing, truncated or foreign file raises
+    UsageError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else "")
+                               + ". Pass the checkpoint.pt of a finished run (its run folder holds it).")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"cannot read checkpoint {path} ({_reason(err)}). The file is truncated "
+                         f"(an interrupted save or copy?) or was not written by torch.save of tensors and plain "
+                         f"values; copy it again or rerun the training that writes it.") from err
 
 
 def atomic_write_text(text: str, path) -> None:

@@ -168,3 +168,75 @@ def test_setting_checks_pass_good_values():
     data.check_float("--momentum", 0.9, minimum=0, below=1)
     data.check_float("--weight-decay", 0, minimum=0)
     data.require(True, "never raised")
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints: reading and writing
+# ------------------------------------------------------------------------------------------------
+
+def test_load_checkpoint_reads_what_atomic_save_wrote(tmp_path):
+    checkpoint = {"learned": {"ctx": torch.randn(4, 8)}, "args": {"lr": 0.002, "ctx_init": None}, "epoch": 3}
+    data.atomic_save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    loaded = data.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert torch.equal(loaded["learned"]["ctx"], checkpoint["learned"]["ctx"]) and loaded["args"] == checkpoint["args"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text", "foreign pickle"])
+def test_load_checkpoint_names_a_damaged_file(tmp_path, damage):
+    path = tmp_path / "checkpoint.pt"
+    data.atomic_save({"learned": {"ctx": torch.randn(64, 64)}}, path)
+    whole = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "text":
+        path.write_text("version https://git-lfs.github.com/spec/v1\n")  # a Git LFS pointer
+    else:
+        import pickle
+        path.write_bytes(pickle.dumps(tmp_path))  # not tensors and plain values: weights_only refuses
+    with pytest.raises(data.UsageError) as err:
+        data.load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"cannot read checkpoint {path} (") and "truncated" in message
+    assert len(message) < 500 and "\n" not in message
+
+
+def test_load_checkpoint_missing_file_or_folder(tmp_path):
+    with pytest.raises(data.MissingFileError, match=f"checkpoint {tmp_path / 'nope.pt'} not found. Pass"):
+        data.load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(data.MissingFileError, match=r"not found \(it is a folder\)"):
+        data.load_checkpoint(tmp_path)
+
+
+def test_atomic_save_on_a_full_disk_keeps_the_old_file(tmp_path):
+    # A real failed write: the file-size limit (RLIMIT_FSIZE) makes write() fail with EFBIG as a
+    # full disk fails with ENOSPC; torch.save hides it inside a RuntimeError.
+    path = tmp_path / "checkpoint.pt"
+    data.atomic_save({"learned": {"ctx": torch.ones(4)}}, path)
+    before = tree(tmp_path)
+    code = textwrap.dedent(f"""
+        import resource, signal, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import data
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            data.atomic_save({{"learned": {{"ctx": torch.ones(100_000)}}}}, {str(path)!r})
+        except data.WriteError as err:
+            assert isinstance(err, OSError) and isinstance(err, data.UsageError)
+            print(err)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"cannot write {path}: File too large. Nothing was written"), proc.stdout
+    assert tree(tmp_path) == before  # old checkpoint intact, no temp file
+
+
+def test_atomic_save_of_an_unpicklable_object_is_a_bug_not_a_disk_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    data.atomic_write_text("old", path)
+    with pytest.raises(Exception) as err:
+        data.atomic_save({"fn": lambda: 0}, path)
+    assert not isinstance(err.value, data.UsageError)  # keeps its traceback
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and path.read_text() == "old"
