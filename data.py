@@ -269,27 +269,46 @@ def _open_clip_kwargs(model: str, pretrained: Optional[str]) -> dict:
 
 
 def load_backbone(model: str, pretrained: Optional[str], device="cpu") -> Backbone:
-    """Any open_clip model with the CLIP text transformer, with any pretrained tag open_clip knows.
-    pretrained=None gives random weights (tests, offline). 'tiny' is the offline world's CLIP."""
+    """Any open_clip model with the CLIP text transformer, with any pretrained tag open_clip knows, or
+    a local weights file (a state_dict saved with torch.save, or .safetensors). pretrained=None gives
+    random weights (tests, offline). 'tiny' is the offline world's CLIP. A tag brings its activation
+    (QuickGELU for OpenAI weights); a file cannot say, so the model config's applies: name the
+    '-quickgelu' model (e.g. ViT-B-16-quickgelu) for a file of OpenAI-trained weights."""
     if model == "tiny":
         return _load_tiny(pretrained, device)
     import open_clip
 
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown model {model!r}. open_clip knows: {', '.join(open_clip.list_models())}"
+        raise UsageError(f"unknown model {model!r}. open_clip knows: {', '.join(open_clip.list_models())}"
                          " (and 'tiny', the offline world's CLIP)")
     problem = _text_tower_problem(open_clip.get_model_config(model))
     if problem:
-        raise ValueError(f"model {model!r} is not supported: {problem}. Use a CLIP model such as "
+        raise UsageError(f"model {model!r} is not supported: {problem}. Use a CLIP model such as "
                          "ViT-B-16, ViT-B-32, ViT-L-14 or RN50.")
     tags = open_clip.list_pretrained_tags_by_model(model)
-    if pretrained is not None and pretrained not in tags:
-        raise ValueError(f"unknown pretrained tag {pretrained!r} for {model!r}. Valid tags: "
-                         f"{', '.join(tags) or '(none: use pretrained=None for random weights)'}")
-    clip = open_clip.create_model(model, pretrained=pretrained, device=device,
-                                  **_open_clip_kwargs(model, pretrained))
+    is_file = pretrained is not None and pretrained not in tags and os.path.isfile(pretrained)
+    if pretrained is not None and pretrained not in tags and not is_file:
+        raise UsageError(f"unknown pretrained tag {pretrained!r} for {model!r}, and no file of that name exists. "
+                         f"Valid tags: {', '.join(tags) or '(none: use pretrained=None for random weights)'}. "
+                         "The path of a local weights file also works (a state_dict saved with torch.save, "
+                         "or .safetensors).")
+    if pretrained is not None and not is_file:  # fetch first, so that only a failed download reads as one
+        try:
+            open_clip.download_pretrained(open_clip.get_pretrained_cfg(model, pretrained))
+        except Exception as err:
+            raise UsageError(f"cannot get the weights {model}/{pretrained} ({_reason(err)}). Without network: copy the "
+                             "Hugging Face cache (~/.cache/huggingface) from a machine that downloaded them, or "
+                             "pass the path of the weights file as the pretrained value.") from err
+    try:
+        clip = open_clip.create_model(model, pretrained=pretrained, device=device,
+                                      **_open_clip_kwargs(model, pretrained))
+    except Exception as err:
+        if not is_file:
+            raise
+        raise UsageError(f"cannot load weights file {pretrained} into {model!r} ({_reason(err)}). It must hold "
+                         f"the weights of that model (check --model), saved whole.") from err
     if not isinstance(clip, open_clip.model.CLIP):  # e.g. CoCa: a different text path
-        raise ValueError(f"model {model!r} is a {type(clip).__name__}, not an open_clip CLIP")
+        raise UsageError(f"model {model!r} is a {type(clip).__name__}, not an open_clip CLIP")
     clip.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model)  # context length from the model's config
     pre = getattr(clip.visual, "preprocess_cfg", {})

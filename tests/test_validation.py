@@ -240,3 +240,66 @@ def test_atomic_save_of_an_unpicklable_object_is_a_bug_not_a_disk_error(tmp_path
         data.atomic_save({"fn": lambda: 0}, path)
     assert not isinstance(err.value, data.UsageError)  # keeps its traceback
     assert os.listdir(tmp_path) == ["checkpoint.pt"] and path.read_text() == "old"
+
+
+# ------------------------------------------------------------------------------------------------
+# backbones: tags and local weights files
+# ------------------------------------------------------------------------------------------------
+
+MODEL = "nanoprompt-validation-clip"
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    import open_clip
+    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16, head_width=32),
+               text_cfg=dict(context_length=20, vocab_size=49408, width=32, heads=2, layers=1))
+    path = tmp_path_factory.mktemp("configs") / f"{MODEL}.json"  # the file name is the model name
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return MODEL
+
+
+def test_pretrained_may_be_a_local_weights_file(small_model, tmp_path):
+    import open_clip
+    torch.manual_seed(0)
+    trained = open_clip.create_model(small_model)  # random weights stand in for trained ones
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    backbone = data.load_backbone(small_model, str(tmp_path / "weights.pt"))
+    assert backbone.pretrained == str(tmp_path / "weights.pt")
+    loaded = backbone.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in  # and not what a fresh random init would give
+               zip(data.load_backbone(small_model, None).model.state_dict().values(), trained.state_dict().values()))
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+
+
+def test_bad_pretrained_values_are_named(small_model, tmp_path):
+    with pytest.raises(data.UsageError, match=r"unknown pretrained tag 'opneai' for 'ViT-B-16', and no file of that "
+                                              r"name exists. Valid tags: openai, .*local weights file also works"):
+        data.load_backbone("ViT-B-16", "opneai")
+    cut = tmp_path / "cut.pt"
+    torch.save(open_clip_state(small_model), cut)
+    cut.write_bytes(cut.read_bytes()[:1000])
+    with pytest.raises(data.UsageError, match=f"cannot load weights file {cut} into '{small_model}'"):
+        data.load_backbone(small_model, str(cut))
+    other = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3)}, other)  # weights of another model
+    with pytest.raises(data.UsageError, match=f"cannot load weights file {other} into .*check --model"):
+        data.load_backbone(small_model, str(other))
+
+
+def open_clip_state(model):
+    import open_clip
+    return open_clip.create_model(model).state_dict()
+
+
+def test_weights_that_cannot_be_downloaded_say_what_to_do(monkeypatch):
+    import open_clip
+
+    def offline(cfg, *args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    with pytest.raises(data.UsageError, match=r"cannot get the weights RN50/openai \(OSError: We couldn't connect.*"
+                                              r"~/.cache/huggingface.*path of the weights file"):
+        data.load_backbone("RN50", "openai")
