@@ -11,7 +11,8 @@ method. Sections, top to bottom:
      downloads where they work) and the ImageNet variants for domain generalisation
   5. few-shot sampling, base/new split, transforms, loaders
   6. the built-in offline world (procedural shapes; tiny CLIP pretraining: `python data.py pretrain`)
-  7. results: one JSON line per run, and `python data.py table RUNS_DIR` for the mean +- std table
+  7. results: one JSON line per run, and `python data.py table [RUNS_DIR]` (default runs/) for the
+     mean +- std table
 
 API CONTRACT (used by the method files; keep these names and meanings):
 
@@ -1417,16 +1418,26 @@ def append_result(path, record: dict) -> None:
         os.close(fd)
 
 
+RESULT_KEYS = ("method", "dataset", "backbone", "shots")  # what every record needs to be placed in the table
+
+
 def read_results(runs_dir) -> list:
-    """Every record of every *.jsonl file under runs_dir."""
+    """Every record of every *.jsonl file under runs_dir. A line that is not a JSON record with
+    RESULT_KEYS is skipped with a warning naming file and line."""
     records = []
     for path in sorted(Path(runs_dir).rglob("*.jsonl")):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     warnings.warn(f"{path}:{n}: not a JSON line, skipped")
+                    continue
+                missing = [k for k in RESULT_KEYS if k not in record] if isinstance(record, dict) else RESULT_KEYS
+                if missing:
+                    warnings.warn(f"{path}:{n}: not a result record (no {', '.join(missing)}), skipped")
+                    continue
+                records.append(record)
     return records
 
 
@@ -1437,65 +1448,106 @@ def _mean_std(values: list) -> str:
     return f"{statistics.fmean(values):.2f} ± {std:.2f}"
 
 
+# Run arguments that do not change the numbers: where a run ran and what it wrote, not what it
+# learned (plus anything path-like: *_dir, *_file, *_path). Every other argument tells groups apart.
+NOT_SETTINGS = {"seed", "output_dir", "results_file", "workers", "device", "root", "download", "overwrite",
+                "resume", "eval_only", "test_batch_size", "no_truncate", "bench_steps"}
+
+
+def _settings(record: dict) -> dict:
+    """The settings of a run that change its numbers: its args (see NOT_SETTINGS) and `protocol`."""
+    args = record.get("args") or {}
+    out = {k: v for k, v in args.items() if k not in NOT_SETTINGS and not k.endswith(("_dir", "_file", "_path"))}
+    if "protocol" in record:
+        out["protocol"] = record["protocol"]
+    return out
+
+
 def _zero_shot_records(records: list) -> list:
     """The zero-shot CLIP numbers that method runs record beside their own, as rows of their own
-    (method 'zero-shot', 0 shots), once per (dataset, backbone, tag, seed)."""
+    (method 'zero-shot', 0 shots), once per (dataset, backbone, tag, protocol, seed)."""
     out, seen = [], set()
     for r in records:
-        key = (r["dataset"], r["backbone"], r.get("pretrained"), r.get("seed"))
+        key = (r["dataset"], r["backbone"], r.get("pretrained"), json.dumps(r.get("protocol")), r.get("seed"))
         if r.get("zero_shot") and key not in seen:
             seen.add(key)
             zs = r["zero_shot"]
-            out.append({**{k: r.get(k) for k in ("dataset", "backbone", "pretrained", "seed")},
+            out.append({**{k: r[k] for k in ("dataset", "backbone", "pretrained", "seed", "protocol") if k in r},
                         "method": "zero-shot", "shots": 0, "base": zs.get("base"), "new": zs.get("new"),
                         "shifts": {k: v for k, v in zs.items() if k not in ("base", "new", "hm")}})
     return out
 
 
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) and (not value or " " in value) else str(value)
+
+
 def results_table(records: list) -> str:
-    """Markdown table: mean ± std over seeds per (method, dataset, backbone/tag, shots), with a
-    zero-shot row from the runs' own zero-shot numbers and one column per shifted test set. HM is the
-    HM of the mean base and mean new accuracies, and each 'average' row takes the HM of the averaged
-    base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
+    """Markdown table: mean ± std over runs per (method, dataset, backbone/tag, shots, settings), with
+    a zero-shot row from the runs' own zero-shot numbers and one column per shifted test set. Runs
+    whose settings differ (any argument but those in NOT_SETTINGS, e.g. lr, epochs, n_ctx) are never
+    averaged together; a 'settings' column then shows the ones that differ between rows that would
+    otherwise look alike. 'runs' counts records (a repeated seed counts twice, as it is averaged twice).
+    HM is the HM of the mean base and mean new accuracies, and each 'average' row takes the HM of the
+    averaged base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
     records = list(records) + _zero_shot_records(records)
     shifts = list(dict.fromkeys(s for r in records for s in (r.get("shifts") or {})))
-    groups = defaultdict(list)
+    groups, settings = defaultdict(list), {}
     for r in records:
         backbone = f"{r['backbone']}/{r['pretrained']}" if r.get("pretrained") else r["backbone"]
-        groups[(r["method"], r["dataset"], backbone, r["shots"])].append(r)
-    head = ["method", "dataset", "backbone", "shots", "seeds", "base", "new", "HM", *shifts]
+        key = (r["method"], r["dataset"], backbone, r["shots"],
+               tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in _settings(r).items())))
+        groups[key].append(r)
+        settings[key] = _settings(r)
+    # the settings that tell apart groups whose other columns are equal (a setting absent from one differs too)
+    alike = defaultdict(list)  # (method, dataset, backbone, shots) -> the settings of its groups
+    for key in groups:
+        alike[key[:4]].append(dict(key[4]))
+    differing = sorted({k for group in alike.values() for a in group for b in group
+                        for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
+
+    def cell(key) -> str:
+        return " ".join(f"{k}={_show(settings[key][k])}" for k in differing if k in settings[key]) or "-"
+
+    head = ["method", "dataset", "backbone", "shots", *(["settings"] if differing else []), "runs",
+            "base", "new", "HM", *shifts]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     averages = defaultdict(list)
 
-    def row(key, seeds, base, new, base_cell, new_cell, shift_cells):
+    def row(columns, runs, base, new, base_cell, new_cell, shift_cells):
         hm = f"{harmonic_mean(base, new):.2f}" if base is not None and new is not None else "-"
-        rows.append("| " + " | ".join(map(str, (*key, seeds, base_cell, new_cell, hm, *shift_cells))) + " |")
+        rows.append("| " + " | ".join(map(str, (*columns, runs, base_cell, new_cell, hm, *shift_cells))) + " |")
 
-    for (method, dataset, backbone, shots), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for key, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        method, dataset, backbone, shots, _ = key
         base = [r["base"] for r in runs if r.get("base") is not None]
         new = [r["new"] for r in runs if r.get("new") is not None]
         mb = statistics.fmean(base) if base else None
         mn = statistics.fmean(new) if new else None
         shift_cells = [_mean_std([r["shifts"][s] for r in runs if s in (r.get("shifts") or {})]) for s in shifts]
-        row((method, dataset, backbone, shots), len({r.get("seed") for r in runs}), mb, mn,
-            _mean_std(base), _mean_std(new), shift_cells)
-        averages[(method, backbone, shots)].append((mb, mn))
-    for (method, backbone, shots), means in sorted(averages.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        shown = [cell(key)] if differing else []
+        row((method, dataset, backbone, shots, *shown), len(runs), mb, mn, _mean_std(base), _mean_std(new), shift_cells)
+        averages[(method, backbone, shots, *shown)].append((mb, mn))
+    for (method, backbone, shots, *shown), means in sorted(averages.items(), key=lambda kv: tuple(map(str, kv[0]))):
         if len(means) > 1 and all(b is not None for b, _ in means):
             mb = statistics.fmean(b for b, _ in means)
             mn = statistics.fmean(n for _, n in means) if all(n is not None for _, n in means) else None
-            row((method, f"average ({len(means)})", backbone, shots), "", mb, mn,
+            row((method, f"average ({len(means)})", backbone, shots, *shown), "", mb, mn,
                 f"{mb:.2f}", "-" if mn is None else f"{mn:.2f}", ["-"] * len(shifts))
     return "\n".join(rows)
 
 
 def _cmd_table(argv) -> None:
     parser = argparse.ArgumentParser(prog="data.py table", description="mean ± std table of a runs folder")
-    parser.add_argument("runs_dir", help="folder searched recursively for *.jsonl result files")
+    parser.add_argument("runs_dir", nargs="?", default="runs", help="folder searched recursively for *.jsonl "
+                        "result files (default: runs, where the method files' default --results-file is)")
     args = parser.parse_args(argv)
     records = read_results(args.runs_dir)
     if not records:
-        sys.exit(f"no results (*.jsonl) under {args.runs_dir}")
+        where = "" if Path(args.runs_dir).is_dir() else " (no such folder)"
+        raise UsageError(f"no results (*.jsonl) under {args.runs_dir}{where}. A method run appends one line to "
+                         "<output-dir>/../results.jsonl (runs/results.jsonl by default) or to --results-file; "
+                         "pass the folder that holds it.")
     print(results_table(records))
 
 
@@ -1506,7 +1558,11 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         sys.exit(f"usage: python data.py {{{','.join(COMMANDS)}}} ...")
-    COMMANDS[argv[0]](argv[1:])
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except UsageError as err:  # the user's mistake: one line, no traceback (as the method files do)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -303,3 +303,55 @@ def test_weights_that_cannot_be_downloaded_say_what_to_do(monkeypatch):
     with pytest.raises(data.UsageError, match=r"cannot get the weights RN50/openai \(OSError: We couldn't connect.*"
                                               r"~/.cache/huggingface.*path of the weights file"):
         data.load_backbone("RN50", "openai")
+
+
+# ------------------------------------------------------------------------------------------------
+# the results table
+# ------------------------------------------------------------------------------------------------
+
+def record(seed, base, new, **args):
+    settings = dict(dataset="dtd", shots=16, epochs=200, lr=0.002, n_ctx=4, seed=seed, workers=4,
+                    output_dir=f"runs/coop-s{seed}", results_file=None, device="cpu", no_truncate=False)
+    return dict(method="coop", dataset="dtd", backbone="ViT-B-16", pretrained="openai", shots=16, seed=seed,
+                base=base, new=new, args={**settings, **args})
+
+
+def test_table_groups_by_every_setting_that_changes_numbers(tmp_path, capsys):
+    runs = [record(1, 80, 60), record(2, 82, 62, workers=1, device="cuda", output_dir="elsewhere"),
+            record(2, 84, 64),  # the same seed again: a second run, averaged and counted
+            record(1, 70, 50, lr=0.01), record(1, 75, 55, n_ctx=16)]
+    for r in runs:
+        data.append_result(tmp_path / "runs" / "results.jsonl", r)
+    data.main(["table", str(tmp_path / "runs")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| method | dataset | backbone | shots | settings | runs | base | new | HM |"
+    assert "| coop | dtd | ViT-B-16/openai | 16 | lr=0.002 n_ctx=4 | 3 | 82.00 ± 2.00 | 62.00 ± 2.00 | 70.61 |" in lines
+    assert "| coop | dtd | ViT-B-16/openai | 16 | lr=0.01 n_ctx=4 | 1 | 70.00 ± 0.00 | 50.00 ± 0.00 | 58.33 |" in lines
+    assert "| coop | dtd | ViT-B-16/openai | 16 | lr=0.002 n_ctx=16 | 1 | 75.00 ± 0.00 | 55.00 ± 0.00 | 63.46 |" in lines
+    assert len(lines) == 5
+
+
+def test_table_protocol_key_and_unlike_averages(tmp_path):
+    runs = [{**record(1, 80, 60), "protocol": "base2new"}, {**record(1, 90, 0), "protocol": "all-classes"},
+            {**record(1, 70, 50), "dataset": "eurosat", "protocol": "base2new"}]
+    lines = data.results_table(runs).splitlines()
+    assert "| coop | dtd | ViT-B-16/openai | 16 | protocol=base2new | 1 | 80.00 ± 0.00 | 60.00 ± 0.00 | 68.57 |" in lines
+    assert "| coop | dtd | ViT-B-16/openai | 16 | protocol=all-classes | 1 | 90.00 ± 0.00 | 0.00 ± 0.00 | 0.00 |" in lines
+    # the average pools only rows with the same settings: dtd and eurosat under base2new
+    assert any(l.startswith("| coop | average (2) | ViT-B-16/openai | 16 | protocol=base2new |") for l in lines)
+    assert not any("average" in l and "all-classes" in l for l in lines)
+
+
+def test_table_default_folder_is_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:  # nothing yet: a one-line error naming the folder
+        data.main(["table"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no results (*.jsonl) under runs (no such folder).") and "runs/results.jsonl" in err
+    # where coop.py's default --results-file (<output-dir>/../results.jsonl) puts it
+    data.append_result(tmp_path / "runs" / "results.jsonl", record(1, 80, 60))
+    (tmp_path / "runs" / "notes.jsonl").write_text('{"step": 1}\n[1, 2]\n')  # JSON lines, not results
+    with pytest.warns(UserWarning, match=r"notes.jsonl:1: not a result record \(no method, dataset"):
+        data.main(["table"])
+    assert "| coop | dtd | ViT-B-16/openai | 16 | 1 | 80.00 ± 0.00 |" in capsys.readouterr().out
