@@ -3,7 +3,7 @@
 The one module shared by coop.py, promptsrc.py, vprompt.py and proreg.py. It never branches on a
 method. Sections, top to bottom:
 
-  1. small utilities (atomic writes, seeding, harmonic mean)
+  1. small utilities (the UsageError type and setting checks, atomic writes, checkpoints, seeding)
   2. backbones: open_clip models by name + pretrained tag (QuickGELU for OpenAI weights), and the
      built-in tiny CLIP of the offline world
   3. class names and prompt templates as CoOp uses them
@@ -11,7 +11,8 @@ method. Sections, top to bottom:
      downloads where they work) and the ImageNet variants for domain generalisation
   5. few-shot sampling, base/new split, transforms, loaders
   6. the built-in offline world (procedural shapes; tiny CLIP pretraining: `python data.py pretrain`)
-  7. results: one JSON line per run, and `python data.py table RUNS_DIR` for the mean +- std table
+  7. results: one JSON line per run, and `python data.py table [RUNS_DIR]` (default runs/) for the
+     mean +- std table
 
 API CONTRACT (used by the method files; keep these names and meanings):
 
@@ -33,7 +34,19 @@ API CONTRACT (used by the method files; keep these names and meanings):
   make_loader(items, benchmark, backbone, train, batch_size, seed, workers) -> DataLoader of
       (images [B, 3, H, W] float normalised, labels [B] long)
   harmonic_mean(base, new); atomic_save(obj, path); atomic_write_text(text, path);
-  append_result(path, record)
+  load_checkpoint(path) -> dict (CPU, weights_only); append_result(path, record)
+
+  UsageError(ValueError): the user's mistake (a setting, a file, a folder), with a message naming the
+      value or file and what to do. Sections 1-5 and 7 raise it (or a subclass) for bad input;
+      a method file ends with
+          try: main(parse_args())
+          except data.UsageError as err: print(f"error: {err}", file=sys.stderr); sys.exit(2)
+      Subclasses: MissingFileError (also a FileNotFoundError: a dataset folder, list, checkpoint or
+      weights file that is not there), WriteError (also an OSError: a write that failed, e.g. a
+      full disk; the previous file is unchanged). Anything else is a bug and keeps its traceback.
+  require(condition, message); check_int(name, value, minimum);
+  check_float(name, value, minimum=None, above=None, below=None): setting checks that raise
+      UsageError, e.g. check_float("--lr", args.lr, above=0) -> "--lr must be a finite number > 0, got nan"
 
 Also public: Item (the NamedTuple above), seed_everything(seed), CUSTOM_TEMPLATES[dataset],
 IMAGENET_TEMPLATES (OpenAI's 80) and IMAGENET_TEMPLATES_SELECT, CLIP_MEAN/CLIP_STD, DATASETS (the
@@ -46,6 +59,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -82,24 +96,121 @@ def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
+class UsageError(ValueError):
+    """A mistake in what the user gave (a setting, a file, a folder), with a message that names the
+    value or file and says what to do. The method files catch it in `__main__` and print
+    `error: <message>` (exit code 2) instead of a traceback; everything else is a bug and keeps its
+    traceback."""
+
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error comes back re-made from its formatted traceback ("Caught
+        # UsageError in DataLoader worker process 0.\nOriginal Traceback ... data.UsageError: <msg>"):
+        # keep <msg>, the part the user needs.
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            ends = list(re.finditer(rf"^(?:[\w.]*\.)?{type(self).__name__}: ", message, re.M))
+            message = message[ends[-1].end():].rstrip("\n") if ends else message
+        super().__init__(message)
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """A dataset folder, image list, checkpoint or weights file that is not there (also a
+    FileNotFoundError)."""
+
+
+class WriteError(UsageError, OSError):
+    """A file could not be written (full disk, no permission); an existing file is left unchanged."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise UsageError(message) unless `condition`: a one-line check for the method files."""
+    if not condition:
+        raise UsageError(message)
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """`value` (the setting called `name`, e.g. '--epochs') is an integer >= minimum."""
+    require(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum,
+            f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(name: str, value, *, minimum=None, above=None, below=None) -> None:
+    """`value` is a finite number, >= minimum, > above and < below (each bound when given):
+    check_float('--lr', lr, above=0), check_float('--momentum', m, minimum=0, below=1)."""
+    bounds = [f"{op} {b}" for op, b in ((">=", minimum), (">", above), ("<", below)) if b is not None]
+    wanted = f"{name} must be a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    require(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
+            f"{wanted}, got {value!r}")
+    require((minimum is None or value >= minimum) and (above is None or value > above)
+            and (below is None or value < below), f"{wanted}, got {value!r}")
+
+
+def _reason(err: BaseException, limit: int = 200) -> str:
+    """'Type: first sentence' of an exception, on one line (torch's messages run to paragraphs)."""
+    text = re.split(r"(?<=\.)\s", " ".join(str(err).split()))[0].rstrip(".")
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind `err`: torch.save reports a failed write as a RuntimeError whose context
+    holds the OSError."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def _atomic_write(path, write: Callable) -> None:
-    # Temp file in the same directory, then os.replace: a reader never sees a half-written file,
-    # and a crash leaves the old file intact.
+    # Temp file in the same directory, fsync, then os.replace: a reader never sees a half-written
+    # file, and a crash or a full disk leaves the old file intact.
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+        tmp = None
+    except Exception as err:
+        if tmp is not None:
+            os.unlink(tmp)
+        os_err = _os_error(err)
+        if os_err is None:  # not the disk: e.g. an object torch.save cannot pickle, a bug
+            raise
+        raise WriteError(f"cannot write {path}: {os_err.strerror or os_err}. Nothing was written (an existing "
+                         f"file there is unchanged). Free space on that disk, or write somewhere else.") from err
+    except BaseException:  # Ctrl-C mid-write: no temp file left behind
+        if tmp is not None:
+            os.unlink(tmp)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # POSIX: fsync the folder so that the rename survives a power cut
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save(obj, path), atomically."""
+    """torch.save(obj, path), atomically. A failed write raises WriteError and changes nothing."""
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load(path) of a checkpoint: onto the CPU, tensors and plain Python values only
+    (weights_only: a checkpoint cannot run code). A missing, truncated or foreign file raises
+    UsageError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else "")
+                               + ". Pass the checkpoint.pt of a finished run (its run folder holds it).")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"cannot read checkpoint {path} ({_reason(err)}). The file is truncated "
+                         f"(an interrupted save or copy?) or was not written by torch.save of tensors and plain "
+                         f"values; copy it again or rerun the training that writes it.") from err
 
 
 def atomic_write_text(text: str, path) -> None:
@@ -159,27 +270,46 @@ def _open_clip_kwargs(model: str, pretrained: Optional[str]) -> dict:
 
 
 def load_backbone(model: str, pretrained: Optional[str], device="cpu") -> Backbone:
-    """Any open_clip model with the CLIP text transformer, with any pretrained tag open_clip knows.
-    pretrained=None gives random weights (tests, offline). 'tiny' is the offline world's CLIP."""
+    """Any open_clip model with the CLIP text transformer, with any pretrained tag open_clip knows, or
+    a local weights file (a state_dict saved with torch.save, or .safetensors). pretrained=None gives
+    random weights (tests, offline). 'tiny' is the offline world's CLIP. A tag brings its activation
+    (QuickGELU for OpenAI weights); a file cannot say, so the model config's applies: name the
+    '-quickgelu' model (e.g. ViT-B-16-quickgelu) for a file of OpenAI-trained weights."""
     if model == "tiny":
         return _load_tiny(pretrained, device)
     import open_clip
 
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown model {model!r}. open_clip knows: {', '.join(open_clip.list_models())}"
+        raise UsageError(f"unknown model {model!r}. open_clip knows: {', '.join(open_clip.list_models())}"
                          " (and 'tiny', the offline world's CLIP)")
     problem = _text_tower_problem(open_clip.get_model_config(model))
     if problem:
-        raise ValueError(f"model {model!r} is not supported: {problem}. Use a CLIP model such as "
+        raise UsageError(f"model {model!r} is not supported: {problem}. Use a CLIP model such as "
                          "ViT-B-16, ViT-B-32, ViT-L-14 or RN50.")
     tags = open_clip.list_pretrained_tags_by_model(model)
-    if pretrained is not None and pretrained not in tags:
-        raise ValueError(f"unknown pretrained tag {pretrained!r} for {model!r}. Valid tags: "
-                         f"{', '.join(tags) or '(none: use pretrained=None for random weights)'}")
-    clip = open_clip.create_model(model, pretrained=pretrained, device=device,
-                                  **_open_clip_kwargs(model, pretrained))
+    is_file = pretrained is not None and pretrained not in tags and os.path.isfile(pretrained)
+    if pretrained is not None and pretrained not in tags and not is_file:
+        raise UsageError(f"unknown pretrained tag {pretrained!r} for {model!r}, and no file of that name exists. "
+                         f"Valid tags: {', '.join(tags) or '(none: use pretrained=None for random weights)'}. "
+                         "The path of a local weights file also works (a state_dict saved with torch.save, "
+                         "or .safetensors).")
+    if pretrained is not None and not is_file:  # fetch first, so that only a failed download reads as one
+        try:
+            open_clip.download_pretrained(open_clip.get_pretrained_cfg(model, pretrained))
+        except Exception as err:
+            raise UsageError(f"cannot get the weights {model}/{pretrained} ({_reason(err)}). Without network: copy the "
+                             "Hugging Face cache (~/.cache/huggingface) from a machine that downloaded them, or "
+                             "pass the path of the weights file as the pretrained value.") from err
+    try:
+        clip = open_clip.create_model(model, pretrained=pretrained, device=device,
+                                      **_open_clip_kwargs(model, pretrained))
+    except Exception as err:
+        if not is_file:
+            raise
+        raise UsageError(f"cannot load weights file {pretrained} into {model!r} ({_reason(err)}). It must hold "
+                         f"the weights of that model (check --model), saved whole.") from err
     if not isinstance(clip, open_clip.model.CLIP):  # e.g. CoCa: a different text path
-        raise ValueError(f"model {model!r} is a {type(clip).__name__}, not an open_clip CLIP")
+        raise UsageError(f"model {model!r} is a {type(clip).__name__}, not an open_clip CLIP")
     clip.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model)  # context length from the model's config
     pre = getattr(clip.visual, "preprocess_cfg", {})
@@ -297,7 +427,7 @@ class Benchmark:
 
 def open_rgb(path) -> Image.Image:
     """Open any image file as RGB. Grayscale, CMYK, palette and RGBA images are converted; a corrupt
-    or truncated file raises ValueError naming it: a skipped image would change the test set."""
+    or truncated file raises UsageError naming it: a skipped image would change the test set."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -305,7 +435,7 @@ def open_rgb(path) -> Image.Image:
                 img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}. Replace the file (download it again).") from err
+        raise UsageError(f"cannot read image {path}: {err}. Replace the file (download it again).") from err
 
 
 def _listdir(path) -> list:
@@ -453,7 +583,7 @@ def _imagenet_classnames(ds: Path) -> dict:
     for path in (ds / "classnames.txt", ds.parent / "imagenet" / "classnames.txt"):
         if path.exists():
             return _read_classnames(path)
-    raise FileNotFoundError(f"{ds / 'classnames.txt'} not found: copy imagenet/classnames.txt there "
+    raise MissingFileError(f"{ds / 'classnames.txt'} not found: copy imagenet/classnames.txt there "
                             f"(the 'wnid name' list of CoOp's DATASETS.md: {COOP_DATASETS_MD})")
 
 
@@ -566,24 +696,36 @@ DATASETS = {
 IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
-def _missing(name: str, root: Path, what: str) -> FileNotFoundError:
+def _missing(name: str, root: Path, what: str, download_hint: bool = True) -> MissingFileError:
     spec = DATASETS[name]
-    hint = " Or pass download=True (--download): torchvision fetches it." if spec.torchvision else ""
-    return FileNotFoundError(
+    hint = " Or pass download=True (--download): torchvision fetches it." if spec.torchvision and download_hint else ""
+    return MissingFileError(
         f"{name}: {what}.\nGet it from {spec.source}; CoOp's instructions and split files: "
         f"{COOP_DATASETS_MD}.{hint}\nExpected layout under {root}:\n{spec.layout()}")
 
 
 def _read_split_json(path: Path, image_dir: Path):
     """split_zhou JSON: {"train"|"val"|"test": [[relative path, label, classname], ...]}."""
-    split = json.loads(path.read_text())
-    return tuple([Item(str(image_dir / rel), int(label), name) for rel, label, name in split[s]]
-                 for s in ("train", "val", "test"))
+    fix = (f"It should be CoOp's split file, unchanged: download it again ({COOP_DATASETS_MD}), or delete "
+           f"it to use the seeded auto-split (numbers then not comparable with the papers').")
+    try:
+        split = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not a text file (byte {err.start} is not UTF-8). {fix}") from err
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. {fix}") from err
+    try:
+        return tuple([Item(str(image_dir / rel), int(label), name) for rel, label, name in split[s]]
+                     for s in ("train", "val", "test"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"{path} is JSON but not a split file ({type(err).__name__}: {err}); expected "
+                         f'{{"train"|"val"|"test": [[relative path, label, classname], ...]}}. {fix}') from err
 
 
 def _download(name: str, root: Path) -> None:
     """torchvision download into <folder>/_torchvision, then its inner folder's files moved up into
-    CoOp's layout (the same code then reads downloads and hand-made folders)."""
+    CoOp's layout (the same code then reads downloads and hand-made folders). A failed download
+    (no network, a dead link, a bad checksum) removes what it created and raises MissingFileError."""
     spec = DATASETS[name]
     if spec.torchvision is None:
         raise _missing(name, root, "torchvision cannot download it (dead links, video-only, or manual)")
@@ -591,10 +733,18 @@ def _download(name: str, root: Path) -> None:
 
     cls, inner = spec.torchvision
     ds, tmp = root / spec.folder, root / spec.folder / "_torchvision"
-    getattr(torchvision.datasets, cls)(str(tmp), download=True)
-    for child in (tmp / inner).iterdir():
-        if not (ds / child.name).exists():
-            shutil.move(str(child), str(ds / child.name))
+    created = [p for p in (root, ds) if not p.exists()]  # outermost first: what a failure removes
+    try:
+        getattr(torchvision.datasets, cls)(str(tmp), download=True)
+        for child in (tmp / inner).iterdir():
+            if not (ds / child.name).exists():
+                shutil.move(str(child), str(ds / child.name))
+    except BaseException as err:
+        shutil.rmtree(created[0] if created else tmp, ignore_errors=True)  # never a folder that was there
+        if not isinstance(err, Exception):  # Ctrl-C: cleaned up, stop as asked
+            raise
+        raise _missing(name, root, f"the download failed (torchvision.datasets.{cls}: {_reason(err)}); nothing "
+                       f"was kept. Without network, download it by hand", download_hint=False) from err
     shutil.rmtree(tmp)  # the archives
 
 
@@ -603,9 +753,12 @@ def _classnames(name: str, splits) -> list:
     names = {}
     for item in (it for split in splits for it in split):
         if names.setdefault(item.label, item.classname) != item.classname:
-            raise ValueError(f"{name}: label {item.label} has two names: {names[item.label]!r}, {item.classname!r}")
+            raise UsageError(f"{name}: label {item.label} has two names: {names[item.label]!r}, {item.classname!r} "
+                             f"(e.g. {item.source}). The split file or image lists were edited or mixed; get "
+                             f"them again ({COOP_DATASETS_MD})")
     if sorted(names) != list(range(len(names))):
-        raise ValueError(f"{name}: labels are not 0..{len(names) - 1}")
+        raise UsageError(f"{name}: labels are not 0..{len(names) - 1} (found {min(names)}..{max(names)}). The split "
+                         f"file or image lists were edited or mixed; get them again ({COOP_DATASETS_MD})")
     return [names[i] for i in range(len(names))]
 
 
@@ -651,7 +804,7 @@ def load_dataset(name: str, root, download: bool = False) -> Benchmark:
     if name.startswith(WORLD_PREFIX):
         return _world_benchmark(name)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}. Known: {', '.join(DATASETS)}, and the offline "
+        raise UsageError(f"unknown dataset {name!r}. Known: {', '.join(DATASETS)}, and the offline "
                          f"world's '{WORLD_PREFIX}...' benchmarks")
     root = Path(root).expanduser()
     spec = DATASETS[name]
@@ -681,15 +834,18 @@ def fewshot(items: list, shots: int, seed: int, cache=None) -> list:
     from each group - from a Random(seed) of its own, so the draw does not depend on what else used
     the global RNG. A class with fewer than K items keeps all of them (CoOp's repeat=False) with a
     warning. `cache`: a JSON path; an existing file is reused (checked against shots, seed, items)."""
-    if shots <= 0:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+    check_int("shots", shots, 1)
     items = [Item(*it) for it in items]
     if cache is not None and Path(cache).exists():
-        saved = json.loads(Path(cache).read_text())
-        chosen = [Item(*it) for it in saved["items"]]
-        if saved["shots"] != shots or saved["seed"] != seed or not set(chosen) <= set(items):
-            raise ValueError(f"few-shot cache {cache} was made for other data (shots {saved['shots']}, seed "
-                             f"{saved['seed']}); delete it or pass another path")
+        try:
+            saved = json.loads(Path(cache).read_text())
+            chosen = [Item(*it) for it in saved["items"]]
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise UsageError(f"few-shot cache {cache} is damaged ({type(err).__name__}: {err}); delete it "
+                             f"(it is rebuilt from the seed)") from err
+        if saved.get("shots") != shots or saved.get("seed") != seed or not set(chosen) <= set(items):
+            raise UsageError(f"few-shot cache {cache} was made for other data (shots {saved.get('shots')}, seed "
+                             f"{saved.get('seed')}); delete it or pass another path")
         return chosen
     groups = defaultdict(list)
     for item in items:
@@ -1262,16 +1418,26 @@ def append_result(path, record: dict) -> None:
         os.close(fd)
 
 
+RESULT_KEYS = ("method", "dataset", "backbone", "shots")  # what every record needs to be placed in the table
+
+
 def read_results(runs_dir) -> list:
-    """Every record of every *.jsonl file under runs_dir."""
+    """Every record of every *.jsonl file under runs_dir. A line that is not a JSON record with
+    RESULT_KEYS is skipped with a warning naming file and line."""
     records = []
     for path in sorted(Path(runs_dir).rglob("*.jsonl")):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     warnings.warn(f"{path}:{n}: not a JSON line, skipped")
+                    continue
+                missing = [k for k in RESULT_KEYS if k not in record] if isinstance(record, dict) else RESULT_KEYS
+                if missing:
+                    warnings.warn(f"{path}:{n}: not a result record (no {', '.join(missing)}), skipped")
+                    continue
+                records.append(record)
     return records
 
 
@@ -1282,65 +1448,106 @@ def _mean_std(values: list) -> str:
     return f"{statistics.fmean(values):.2f} ± {std:.2f}"
 
 
+# Run arguments that do not change the numbers: where a run ran and what it wrote, not what it
+# learned (plus anything path-like: *_dir, *_file, *_path). Every other argument tells groups apart.
+NOT_SETTINGS = {"seed", "output_dir", "results_file", "workers", "device", "root", "download", "overwrite",
+                "resume", "eval_only", "test_batch_size", "no_truncate", "bench_steps"}
+
+
+def _settings(record: dict) -> dict:
+    """The settings of a run that change its numbers: its args (see NOT_SETTINGS) and `protocol`."""
+    args = record.get("args") or {}
+    out = {k: v for k, v in args.items() if k not in NOT_SETTINGS and not k.endswith(("_dir", "_file", "_path"))}
+    if "protocol" in record:
+        out["protocol"] = record["protocol"]
+    return out
+
+
 def _zero_shot_records(records: list) -> list:
     """The zero-shot CLIP numbers that method runs record beside their own, as rows of their own
-    (method 'zero-shot', 0 shots), once per (dataset, backbone, tag, seed)."""
+    (method 'zero-shot', 0 shots), once per (dataset, backbone, tag, protocol, seed)."""
     out, seen = [], set()
     for r in records:
-        key = (r["dataset"], r["backbone"], r.get("pretrained"), r.get("seed"))
+        key = (r["dataset"], r["backbone"], r.get("pretrained"), json.dumps(r.get("protocol")), r.get("seed"))
         if r.get("zero_shot") and key not in seen:
             seen.add(key)
             zs = r["zero_shot"]
-            out.append({**{k: r.get(k) for k in ("dataset", "backbone", "pretrained", "seed")},
+            out.append({**{k: r[k] for k in ("dataset", "backbone", "pretrained", "seed", "protocol") if k in r},
                         "method": "zero-shot", "shots": 0, "base": zs.get("base"), "new": zs.get("new"),
                         "shifts": {k: v for k, v in zs.items() if k not in ("base", "new", "hm")}})
     return out
 
 
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) and (not value or " " in value) else str(value)
+
+
 def results_table(records: list) -> str:
-    """Markdown table: mean ± std over seeds per (method, dataset, backbone/tag, shots), with a
-    zero-shot row from the runs' own zero-shot numbers and one column per shifted test set. HM is the
-    HM of the mean base and mean new accuracies, and each 'average' row takes the HM of the averaged
-    base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
+    """Markdown table: mean ± std over runs per (method, dataset, backbone/tag, shots, settings), with
+    a zero-shot row from the runs' own zero-shot numbers and one column per shifted test set. Runs
+    whose settings differ (any argument but those in NOT_SETTINGS, e.g. lr, epochs, n_ctx) are never
+    averaged together; a 'settings' column then shows the ones that differ between rows that would
+    otherwise look alike. 'runs' counts records (a repeated seed counts twice, as it is averaged twice).
+    HM is the HM of the mean base and mean new accuracies, and each 'average' row takes the HM of the
+    averaged base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
     records = list(records) + _zero_shot_records(records)
     shifts = list(dict.fromkeys(s for r in records for s in (r.get("shifts") or {})))
-    groups = defaultdict(list)
+    groups, settings = defaultdict(list), {}
     for r in records:
         backbone = f"{r['backbone']}/{r['pretrained']}" if r.get("pretrained") else r["backbone"]
-        groups[(r["method"], r["dataset"], backbone, r["shots"])].append(r)
-    head = ["method", "dataset", "backbone", "shots", "seeds", "base", "new", "HM", *shifts]
+        key = (r["method"], r["dataset"], backbone, r["shots"],
+               tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in _settings(r).items())))
+        groups[key].append(r)
+        settings[key] = _settings(r)
+    # the settings that tell apart groups whose other columns are equal (a setting absent from one differs too)
+    alike = defaultdict(list)  # (method, dataset, backbone, shots) -> the settings of its groups
+    for key in groups:
+        alike[key[:4]].append(dict(key[4]))
+    differing = sorted({k for group in alike.values() for a in group for b in group
+                        for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
+
+    def cell(key) -> str:
+        return " ".join(f"{k}={_show(settings[key][k])}" for k in differing if k in settings[key]) or "-"
+
+    head = ["method", "dataset", "backbone", "shots", *(["settings"] if differing else []), "runs",
+            "base", "new", "HM", *shifts]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     averages = defaultdict(list)
 
-    def row(key, seeds, base, new, base_cell, new_cell, shift_cells):
+    def row(columns, runs, base, new, base_cell, new_cell, shift_cells):
         hm = f"{harmonic_mean(base, new):.2f}" if base is not None and new is not None else "-"
-        rows.append("| " + " | ".join(map(str, (*key, seeds, base_cell, new_cell, hm, *shift_cells))) + " |")
+        rows.append("| " + " | ".join(map(str, (*columns, runs, base_cell, new_cell, hm, *shift_cells))) + " |")
 
-    for (method, dataset, backbone, shots), runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for key, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        method, dataset, backbone, shots, _ = key
         base = [r["base"] for r in runs if r.get("base") is not None]
         new = [r["new"] for r in runs if r.get("new") is not None]
         mb = statistics.fmean(base) if base else None
         mn = statistics.fmean(new) if new else None
         shift_cells = [_mean_std([r["shifts"][s] for r in runs if s in (r.get("shifts") or {})]) for s in shifts]
-        row((method, dataset, backbone, shots), len({r.get("seed") for r in runs}), mb, mn,
-            _mean_std(base), _mean_std(new), shift_cells)
-        averages[(method, backbone, shots)].append((mb, mn))
-    for (method, backbone, shots), means in sorted(averages.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        shown = [cell(key)] if differing else []
+        row((method, dataset, backbone, shots, *shown), len(runs), mb, mn, _mean_std(base), _mean_std(new), shift_cells)
+        averages[(method, backbone, shots, *shown)].append((mb, mn))
+    for (method, backbone, shots, *shown), means in sorted(averages.items(), key=lambda kv: tuple(map(str, kv[0]))):
         if len(means) > 1 and all(b is not None for b, _ in means):
             mb = statistics.fmean(b for b, _ in means)
             mn = statistics.fmean(n for _, n in means) if all(n is not None for _, n in means) else None
-            row((method, f"average ({len(means)})", backbone, shots), "", mb, mn,
+            row((method, f"average ({len(means)})", backbone, shots, *shown), "", mb, mn,
                 f"{mb:.2f}", "-" if mn is None else f"{mn:.2f}", ["-"] * len(shifts))
     return "\n".join(rows)
 
 
 def _cmd_table(argv) -> None:
     parser = argparse.ArgumentParser(prog="data.py table", description="mean ± std table of a runs folder")
-    parser.add_argument("runs_dir", help="folder searched recursively for *.jsonl result files")
+    parser.add_argument("runs_dir", nargs="?", default="runs", help="folder searched recursively for *.jsonl "
+                        "result files (default: runs, where the method files' default --results-file is)")
     args = parser.parse_args(argv)
     records = read_results(args.runs_dir)
     if not records:
-        sys.exit(f"no results (*.jsonl) under {args.runs_dir}")
+        where = "" if Path(args.runs_dir).is_dir() else " (no such folder)"
+        raise UsageError(f"no results (*.jsonl) under {args.runs_dir}{where}. A method run appends one line to "
+                         "<output-dir>/../results.jsonl (runs/results.jsonl by default) or to --results-file; "
+                         "pass the folder that holds it.")
     print(results_table(records))
 
 
@@ -1351,7 +1558,11 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         sys.exit(f"usage: python data.py {{{','.join(COMMANDS)}}} ...")
-    COMMANDS[argv[0]](argv[1:])
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except UsageError as err:  # the user's mistake: one line, no traceback (as the method files do)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -395,7 +395,7 @@ def test_results_table_zero_shot_row_and_shift_columns():
                     zero_shot={"base": 40.0, "new": 50.0, "hm": 44.44, "photo": 90.0})
                for s, b, n, p in [(1, 60.0, 40.0, 70.0), (2, 62.0, 42.0, 72.0)]]
     lines = data.results_table(records).splitlines()
-    assert lines[0] == "| method | dataset | backbone | shots | seeds | base | new | HM | photo |"
+    assert lines[0] == "| method | dataset | backbone | shots | runs | base | new | HM | photo |"
     assert "| coop | shapes | tiny/shapes | 16 | 2 | 61.00 ± 1.41 | 41.00 ± 1.41 | 49.04 | 71.00 ± 1.41 |" in lines
     # zero-shot once per seed (not once per method run), from the runs' own zero-shot numbers
     assert "| zero-shot | shapes | tiny/shapes | 0 | 2 | 40.00 ± 0.00 | 50.00 ± 0.00 | 44.44 | 90.00 ± 0.00 |" in lines
