@@ -2,7 +2,7 @@
 the downstream 'shapes' benchmarks (data.load_dataset reaches them through world_benchmark).
 
 Why the world exists and how it was chosen: world/README.md. Every draw comes from a torch.Generator
-seeded from a key, so the same key gives the same pixels on every machine."""
+seeded from a key, so the same key gives the same pixels on every run."""
 from __future__ import annotations
 
 import functools
@@ -248,7 +248,7 @@ def world_task_classes():
     telling shapes apart; new (labels 12-23): {green, yellow, purple, orange, pink, white} x
     {circle, square}, a task of telling colours apart. The halves share no class and need different
     cues, as base and new classes of a real dataset are different concepts: a prompt fitted to base
-    learns to favour shape, and the new classes pay for it (measured: README). 6 of the 24 pairs were
+    learns to favour shape, and the new classes pay for it (measured: world/README.md). 6 of the 24 pairs were
     held out of pretraining (each word was still seen)."""
     base = [(c, s) for c in (0, 2) for s in range(2, 8)]
     new = [(c, s) for c in (1, 3, 4, 5, 6, 7) for s in (0, 1)]
