@@ -513,7 +513,7 @@ def main(args):
     record = evaluate_run(model, benchmark, backbone, base_names, args, device)
     record["wall_s"] = round(time.time() - start_time, 1)
     data.atomic_write_text(json.dumps(record, indent=2), out / "results.json")
-    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    checkpoint = data.load_checkpoint(out / "checkpoint.pt")
     data.atomic_save({**checkpoint, "metrics": record}, out / "checkpoint.pt")
     data.append_result(Path(args.results_file or out.parent / "results.jsonl"), record)
     print(f"wrote {out / 'results.json'}, {out / 'checkpoint.pt'}")
@@ -591,17 +591,9 @@ def save_training(path, args, epoch, model, optimizer, train_loader):
 
 
 def load_run(run_dir):
-    """The checkpoint of a run folder, read as tensors only (weights_only: a shared run folder cannot
-    run code), with a message that says what is wrong when it is missing or unreadable."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.exists():
-        raise SystemExit(f"error: {path} does not exist: RUN_DIR must be the folder of a run that finished "
-                         "at least one epoch")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt or not a checkpoint
-        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}: {e}); it is not a checkpoint "
-                         "written by this file, or it is damaged") from None
+    """The checkpoint of a run folder, read as tensors only (a shared run folder cannot run code); a
+    missing or damaged file is a UsageError that names it."""
+    return data.load_checkpoint(Path(run_dir) / "checkpoint.pt")
 
 
 def restore_training(saved, model, optimizer, train_loader):
@@ -650,4 +642,7 @@ def reevaluate(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except data.UsageError as error:  # a mistake the user can fix: one line that says what to do, no traceback
+        raise SystemExit(f"error: {error}")

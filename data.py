@@ -3,16 +3,19 @@
 The one module shared by coop.py, promptsrc.py, vprompt.py and proreg.py. It never branches on a
 method. Sections, top to bottom:
 
-  1. small utilities (the UsageError type and setting checks, atomic writes, checkpoints, seeding)
-  2. backbones: open_clip models by name + pretrained tag (QuickGELU for OpenAI weights), and the
-     built-in tiny CLIP of the offline world
-  3. class names and prompt templates as CoOp uses them
-  4. the real datasets of the CoOp protocol (CoOp folder layouts, split_zhou_*.json, torchvision
+  1. types: Item, Benchmark, Backbone
+  2. small utilities (the UsageError type and setting checks, atomic writes, checkpoints, harmonic mean)
+  3. backbones: open_clip models by name + pretrained tag (QuickGELU for OpenAI weights) or a local file
+  4. class names and prompt templates as CoOp uses them
+  5. the real datasets of the CoOp protocol (CoOp folder layouts, split_zhou_*.json, torchvision
      downloads where they work) and the ImageNet variants for domain generalisation
-  5. few-shot sampling, base/new split, transforms, loaders
-  6. the built-in offline world (procedural shapes; tiny CLIP pretraining: `python data.py pretrain`)
+  6. few-shot sampling, base/new split, transforms, loaders
   7. results: one JSON line per run, and `python data.py table [RUNS_DIR]` (default runs/) for the
      mean +- std table
+
+The built-in offline world (the 'shapes...' datasets and the 'tiny' backbone) lives in world/ beside
+this file; load_dataset and load_backbone import it only when asked for it, so this file and a
+method file run on real data without that folder.
 
 API CONTRACT (used by the method files; keep these names and meanings):
 
@@ -28,9 +31,10 @@ API CONTRACT (used by the method files; keep these names and meanings):
   fewshot(items, shots, seed, cache=None) -> list[Item]
   subsample_classes(items, classnames, which) -> (items relabelled from 0, classnames)
   shift_items(items, classnames) -> items of a shifted test set restricted to `classnames`, relabelled
-  Backbone(model, tokenize, name, pretrained, image_size, mean, std, template?)
+  Backbone(model, tokenize, name, pretrained, image_size, mean, std)
   load_backbone(model, pretrained, device) -> Backbone
-  default_backbone(dataset) -> (model, pretrained)
+  default_backbone(dataset) -> (model, pretrained)   # ('tiny', 'shapes') for the world
+  WORLD_PREFIX = "shapes"                # a dataset name starting with it is the offline world's
   make_loader(items, benchmark, backbone, train, batch_size, seed, workers) -> DataLoader of
       (images [B, 3, H, W] float normalised, labels [B] long)
   harmonic_mean(base, new); atomic_save(obj, path); atomic_write_text(text, path);
@@ -48,15 +52,13 @@ API CONTRACT (used by the method files; keep these names and meanings):
   check_float(name, value, minimum=None, above=None, below=None): setting checks that raise
       UsageError, e.g. check_float("--lr", args.lr, above=0) -> "--lr must be a finite number > 0, got nan"
 
-Also public: Item (the NamedTuple above), seed_everything(seed), CUSTOM_TEMPLATES[dataset],
-IMAGENET_TEMPLATES (OpenAI's 80) and IMAGENET_TEMPLATES_SELECT, CLIP_MEAN/CLIP_STD, DATASETS (the
-registry of real datasets), make_transform(backbone, train), read_results(dir), results_table(records).
+Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80) and
+IMAGENET_TEMPLATES_SELECT, CLIP_MEAN/CLIP_STD, DATASETS (the registry of real datasets),
+make_transform(backbone, train), read_results(dir), results_table(records).
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
 import math
 import numbers
@@ -67,28 +69,54 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 # ==================================================================================================
-# 1. Small utilities
+# 1. Types
 # ==================================================================================================
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices), as Dassl's set_random_seed does."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+class Item(NamedTuple):
+    source: Union[str, int]  # image path, or an index into the world's renderer
+    label: int
+    classname: str
+
+
+@dataclass
+class Benchmark:
+    """A dataset as the method files see it (see the API contract at the top)."""
+    name: str
+    classnames: list
+    train: list
+    val: list
+    test: list
+    template: str
+    shifts: dict = field(default_factory=dict)
+    open_image: Callable = None
+    augment: bool = True
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module      # open_clip CLIP, eval mode, every parameter frozen
+    tokenize: Callable          # list[str] -> LongTensor [n, context_length] (the model's own)
+    name: str
+    pretrained: Optional[str]
+    image_size: int
+    mean: tuple
+    std: tuple
+
+
+# ==================================================================================================
+# 2. Small utilities
+# ==================================================================================================
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -219,7 +247,7 @@ def atomic_write_text(text: str, path) -> None:
 
 
 # ==================================================================================================
-# 2. Backbones
+# 3. Backbones
 # ==================================================================================================
 
 WORLD_PREFIX = "shapes"  # dataset names of the built-in offline world start with this
@@ -227,16 +255,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@dataclass
-class Backbone:
-    model: torch.nn.Module      # open_clip CLIP, eval mode, every parameter frozen
-    tokenize: Callable          # list[str] -> LongTensor [n, context_length] (the model's own)
-    name: str
-    pretrained: Optional[str]
-    image_size: int
-    mean: tuple
-    std: tuple
-    template: Optional[str] = None  # a backbone-specific prompt template (the world's tiny CLIP)
+def _world(module: str):
+    """world.<module>, imported on first use: only the offline world needs the world/ folder."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"world.{module}")
+    except ModuleNotFoundError as err:
+        if err.name not in ("world", f"world.{module}"):
+            raise
+        raise ModuleNotFoundError(f"the offline world ('{WORLD_PREFIX}...' datasets, the 'tiny' model) lives in "
+                                  "world/, which is not beside data.py: copy that folder too, or use real data "
+                                  "(--dataset caltech101 --model ViT-B-16 ...)", name=err.name) from err
 
 
 def default_backbone(dataset: str) -> tuple:
@@ -276,7 +306,7 @@ def load_backbone(model: str, pretrained: Optional[str], device="cpu") -> Backbo
     (QuickGELU for OpenAI weights); a file cannot say, so the model config's applies: name the
     '-quickgelu' model (e.g. ViT-B-16-quickgelu) for a file of OpenAI-trained weights."""
     if model == "tiny":
-        return _load_tiny(pretrained, device)
+        return _world("tiny_clip").tiny_backbone(pretrained, device)
     import open_clip
 
     if model not in open_clip.list_models():
@@ -320,7 +350,7 @@ def load_backbone(model: str, pretrained: Optional[str], device="cpu") -> Backbo
 
 
 # ==================================================================================================
-# 3. Class names and prompt templates (CoOp trainers/zsclip.py, datasets/*.py)
+# 4. Class names and prompt templates (CoOp trainers/zsclip.py, datasets/*.py)
 # ==================================================================================================
 
 # One hand-written template per dataset (CoOp's CUSTOM_TEMPLATES): the zero-shot baseline, and the
@@ -398,31 +428,11 @@ def cars_name(meta_name: str) -> str:
 
 
 # ==================================================================================================
-# 4. Real datasets: CoOp layouts, split_zhou JSONs, auto-splits, torchvision downloads
+# 5. Real datasets: CoOp layouts, split_zhou JSONs, auto-splits, torchvision downloads
 # ==================================================================================================
 
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 AUTO_SPLIT_SEED = 1  # auto-splits are fixed (independent of the run's seed), like CoOp's saved split
-
-
-class Item(NamedTuple):
-    source: Union[str, int]  # image path, or an index into the world's renderer
-    label: int
-    classname: str
-
-
-@dataclass
-class Benchmark:
-    """A dataset as the method files see it (see the API contract at the top)."""
-    name: str
-    classnames: list
-    train: list
-    val: list
-    test: list
-    template: str
-    shifts: dict = field(default_factory=dict)
-    open_image: Callable = None
-    augment: bool = True
 
 
 def open_rgb(path) -> Image.Image:
@@ -443,6 +453,14 @@ def _listdir(path) -> list:
     return sorted(p for p in os.listdir(path) if not p.startswith("."))
 
 
+def _group_by_label(items: list) -> dict:
+    """{label: its items}, labels in order of first appearance, items in their order."""
+    groups = defaultdict(list)
+    for item in items:
+        groups[item.label].append(item)
+    return groups
+
+
 def _shuffle_split(items: list, rng: random.Random, p_train: Optional[float], p_val: float):
     """One class's items -> (train, val, test) with the official rounding: shuffle, round(n*p) for
     train and val, the rest is test. p_train=None (a train+val file): the first round(n*p_val)
@@ -457,9 +475,7 @@ def _shuffle_split(items: list, rng: random.Random, p_train: Optional[float], p_
 
 
 def _split_by_label(items: list, rng: random.Random, p_train: Optional[float], p_val: float):
-    groups = defaultdict(list)
-    for item in items:
-        groups[item.label].append(item)
+    groups = _group_by_label(items)
     train, val, test = [], [], []
     for label in sorted(groups):
         a, b, c = _shuffle_split(groups[label], rng, p_train, p_val)
@@ -802,7 +818,7 @@ def _read_dataset(name: str, root: Path):
 def load_dataset(name: str, root, download: bool = False) -> Benchmark:
     """A benchmark by name: the offline world ('shapes...') or a CoOp dataset under `root`."""
     if name.startswith(WORLD_PREFIX):
-        return _world_benchmark(name)
+        return _world("shapes").world_benchmark(name)
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}. Known: {', '.join(DATASETS)}, and the offline "
                          f"world's '{WORLD_PREFIX}...' benchmarks")
@@ -825,7 +841,7 @@ def load_dataset(name: str, root, download: bool = False) -> Benchmark:
 
 
 # ==================================================================================================
-# 5. Few-shot sampling, base/new split, transforms, loaders
+# 6. Few-shot sampling, base/new split, transforms, loaders
 # ==================================================================================================
 
 
@@ -847,9 +863,7 @@ def fewshot(items: list, shots: int, seed: int, cache=None) -> list:
             raise UsageError(f"few-shot cache {cache} was made for other data (shots {saved.get('shots')}, seed "
                              f"{saved.get('seed')}); delete it or pass another path")
         return chosen
-    groups = defaultdict(list)
-    for item in items:
-        groups[item.label].append(item)
+    groups = _group_by_label(items)
     rng = random.Random(seed)
     chosen, short = [], []
     for label, group in groups.items():
@@ -942,461 +956,6 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
         generator=torch.Generator().manual_seed(seed),  # the shuffle order and the workers' seeds
         drop_last=train and len(items) >= batch_size,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-
-
-# ==================================================================================================
-# 6. The built-in offline world: procedural shapes, downstream benchmarks, and the tiny CLIP
-# ==================================================================================================
-# Why: no machine here can download CLIP or a dataset, yet the point of these methods (gain on the
-# task, keep zero-shot generality) has to be shown with numbers. The world is a small image-caption
-# universe rendered from a seed: 8 shapes x 8 colours at two sizes on dull textured backgrounds.
-# A tiny open_clip CLIP is pretrained contrastively on clean "photo" renderings of 48 of the 64
-# colour-shape pairs (`python data.py pretrain`). The downstream task ("shapes") lives in a shifted
-# domain (shapes drawn as outlines), where zero-shot CLIP is weak, as real CLIP is on EuroSAT or DTD:
-# a prompt can gain there, and overfit. Clean photos and the other styles are the shifted test sets.
-
-WORLD_SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "hexagon", "diamond")
-WORLD_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "white")
-WORLD_RGB = torch.tensor([  # [8, 3] the nominal colour of each name, jittered when rendered
-    [0.90, 0.10, 0.10], [0.10, 0.72, 0.15], [0.15, 0.25, 0.95], [0.95, 0.88, 0.10],
-    [0.58, 0.15, 0.75], [1.00, 0.55, 0.05], [1.00, 0.52, 0.76], [0.97, 0.97, 0.97]])
-WORLD_SIZES = ("small", "large")
-WORLD_BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient")
-WORLD_STYLES = ("photo", "noisy", "outline", "vivid", "lowcontrast")
-WORLD_DEFAULT_STYLE = "outline"  # the downstream domain of --dataset shapes
-WORLD_RIM = 0.75  # outline style: the shape minus a copy shrunk to 75 % (a rim 1/4 of its radius)
-
-# Colour-shape pairs never rendered during pretraining: (shape - colour) mod 8 in {0, 4}. Each colour
-# and each shape is held out twice, so every word is still seen.
-def world_combo_split():
-    """-> (seen, heldout): lists of (colour, shape) index pairs of pretraining. seen: the 24 pairs
-    with (s - c) mod 8 in {1, 2, 3}, then the 24 with {5, 6, 7} (the pretraining report's two
-    halves); this order fixes how the pretraining draws map to pairs, so it is part of the recipe."""
-    pairs = [(c, s) for c in range(8) for s in range(8)]
-    first = [p for p in pairs if (p[1] - p[0]) % 8 in (1, 2, 3)]
-    second = [p for p in pairs if (p[1] - p[0]) % 8 in (5, 6, 7)]
-    heldout = [p for p in pairs if (p[1] - p[0]) % 8 in (0, 4)]
-    return first + second, heldout
-
-
-def _shape_mask(shape, u, v):
-    """Shape `shape` (index into WORLD_SHAPES) in shape-local coordinates u, v ([n, H, W], radius 1,
-    v pointing up) -> [n, H, W] bool."""
-    name = WORLD_SHAPES[shape]
-    if name in ("triangle", "hexagon"):  # a regular k-gon: the intersection of k half-planes
-        k, apothem, phase = (3, 0.5, -math.pi / 2) if name == "triangle" else (6, 0.87, 0.0)
-        angles = phase + torch.arange(k) * (2 * math.pi / k)
-        return (u[..., None] * torch.cos(angles) + v[..., None] * torch.sin(angles) <= apothem).all(-1)
-    if name == "circle":
-        return u * u + v * v <= 1.0
-    if name == "square":
-        return (u.abs() <= 0.8) & (v.abs() <= 0.8)
-    if name == "star":  # 5 points, one pointing up: radius follows a triangle wave in the angle
-        phase = ((torch.atan2(v, u) - math.pi / 2) * 5 / (2 * math.pi)) % 1.0
-        return torch.sqrt(u * u + v * v) <= 0.42 + 0.58 * (1 - 2 * torch.minimum(phase, 1 - phase))
-    if name == "cross":
-        return ((u.abs() <= 0.3) & (v.abs() <= 0.95)) | ((v.abs() <= 0.3) & (u.abs() <= 0.95))
-    if name == "heart":  # the curve (x^2 + y^2 - 1)^3 <= x^2 y^3, scaled and lifted to fit radius 1
-        x, y = u * 1.25, v * 1.25 + 0.25
-        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
-    return u.abs() + v.abs() <= 1.0  # diamond
-
-
-def _shape_masks(shape, u, v):
-    """Per-image shape index [n] -> [n, H, W] float masks (each shape computed for its images only)."""
-    mask = torch.zeros(u.shape)
-    for s in shape.unique().tolist():
-        pick = shape == s
-        mask[pick] = _shape_mask(s, u[pick], v[pick]).float()
-    return mask
-
-
-def _hsv_to_rgb(h, s, v):  # all [n] in [0, 1] -> [n, 3]
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], -1)
-    return v[:, None] - (v * s)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-
-
-def _texture(name, x, y, along, freq):
-    """Background texture in [0, 1] ([n, H, W]) from pixel coordinates, the coordinate along a
-    random direction, and a random frequency."""
-    if name == "plain":
-        return torch.zeros_like(x)
-    if name == "striped":
-        return (torch.sin(along * freq * 2) > 0).float()
-    if name == "gradient":
-        return (along + 1) / 2
-    gx, gy = (x + 1) * freq / 2, (y + 1) * freq / 2
-    if name == "checkered":
-        return (gx.floor() + gy.floor()) % 2
-    return ((gx - gx.floor() - 0.5) ** 2 + (gy - gy.floor() - 0.5) ** 2 < 0.08).float()  # dotted
-
-
-def world_render(colour, shape, size, background, style, gen, res=32):
-    """Render one image per entry of the index tensors colour/shape/size/background ([n] long).
-
-    Drawn at 2x resolution and average-pooled (anti-aliased). Position, rotation (+-15 deg),
-    colour jitter and texture parameters come from `gen`, so a seeded generator gives the same
-    pixels every time. Returns (images [n, 3, res, res] uint8, shape_mask [n, res, res] float in
-    [0, 1], the fraction of each pixel covered by the shape's painted region)."""
-    n, hi = colour.shape[0], 2 * res
-    rnd = lambda *s: torch.rand(*s, generator=gen)
-    axis = (torch.arange(hi) + 0.5) / hi * 2 - 1
-    y, x = torch.meshgrid(-axis, axis, indexing="ij")  # [hi, hi]; y up
-    x, y = x.expand(n, hi, hi), y.expand(n, hi, hi)
-
-    # --- background: two dull colours mixed by a texture t in [0, 1] ---
-    c1 = _hsv_to_rgb(rnd(n), 0.1 + 0.25 * rnd(n), 0.2 + 0.35 * rnd(n))
-    c2 = _hsv_to_rgb(rnd(n), 0.1 + 0.25 * rnd(n), 0.2 + 0.35 * rnd(n))
-    ang = (rnd(n) * math.pi)[:, None, None]
-    along = x * torch.cos(ang) + y * torch.sin(ang)
-    freq = (4 + 6 * rnd(n))[:, None, None]
-    t = torch.zeros(n, 1, hi, hi)
-    for b in background.unique().tolist():  # each texture computed for its own images only
-        k = background == b
-        t[k, 0] = _texture(WORLD_BACKGROUNDS[b], x[k], y[k], along[k], freq[k])
-    img = c1[:, :, None, None] * (1 - t) + c2[:, :, None, None] * t
-    if style == "vivid":  # unseen saturated blotches replace the dull texture
-        img = torch.zeros(n, 3, hi, hi)
-        for _ in range(4):
-            centre = rnd(n, 2) * 2 - 1
-            width = (0.3 + 0.5 * rnd(n))[:, None, None]
-            blob = torch.exp(-((x - centre[:, 0, None, None]) ** 2 + (y - centre[:, 1, None, None]) ** 2) / width ** 2)
-            hue = _hsv_to_rgb(rnd(n), torch.ones(n), 0.8 + 0.2 * rnd(n))
-            img = img + blob[:, None] * hue[:, :, None, None]
-        img = img.clamp(0, 1)
-
-    # --- the shape ---
-    radius = torch.where(size == 0, 0.3 + 0.1 * rnd(n), 0.58 + 0.15 * rnd(n))
-    cx = (rnd(n) * 2 - 1) * (0.92 - radius)
-    cy = (rnd(n) * 2 - 1) * (0.92 - radius)
-    rot = (rnd(n) * 2 - 1) * math.radians(15)
-    dx, dy = x - cx[:, None, None], y - cy[:, None, None]
-    cos, sin = torch.cos(rot)[:, None, None], torch.sin(rot)[:, None, None]
-    u = (dx * cos + dy * sin) / radius[:, None, None]
-    v = (-dx * sin + dy * cos) / radius[:, None, None]
-    mask = _shape_masks(shape, u, v)  # [n, hi, hi]
-    if style == "outline":  # keep a rim: the shape minus a shrunk copy of itself
-        mask = mask * (1 - _shape_masks(shape, u / WORLD_RIM, v / WORLD_RIM))
-    fill = (WORLD_RGB[colour] + (rnd(n, 3) - 0.5) * 0.12).clamp(0, 1)  # [n, 3]
-    img = img * (1 - mask[:, None]) + fill[:, :, None, None] * mask[:, None]
-
-    img = F.avg_pool2d(img, 2)  # anti-alias to res
-    mask = F.avg_pool2d(mask[:, None], 2)[:, 0]
-    if style == "lowcontrast":
-        img = 0.5 + 0.3 * (img - 0.5)
-    sigma = {"noisy": 0.25}.get(style, 0.03)
-    img = img + sigma * torch.randn(img.shape, generator=gen)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), mask
-
-
-def _world_generator(*key):
-    """A torch.Generator seeded from a tuple key (seed, split, style...), stable across runs."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
-
-
-def world_classname(colour, shape):
-    return f"{WORLD_COLOURS[colour]} {WORLD_SHAPES[shape]}"
-
-
-def world_images(pairs, per_class, style, seed, split):
-    """Render `per_class` images of every (colour, shape) pair -> (uint8 [N, 3, 32, 32], labels [N])."""
-    gen = _world_generator(seed, split, style)
-    labels = torch.arange(len(pairs)).repeat_interleave(per_class)
-    colour = torch.tensor([pairs[i][0] for i in labels.tolist()])
-    shape = torch.tensor([pairs[i][1] for i in labels.tolist()])
-    size = torch.randint(0, len(WORLD_SIZES), (len(labels),), generator=gen)
-    background = torch.randint(0, len(WORLD_BACKGROUNDS), (len(labels),), generator=gen)
-    images, _ = world_render(colour, shape, size, background, style, gen)
-    return images, labels
-
-
-# Per-class image counts of the downstream splits; >= 50 test images per class so that differences
-# of a few points are not noise.
-WORLD_SPLIT_SIZES = {"train": 32, "val": 8, "test": 100}
-
-
-# --- captions for pretraining -------------------------------------------------------------------
-# Full captions name colour and shape (some also size or background); long ones train positions
-# that a 16-token context later uses. 30 % name only the colour or only the shape, so each word is
-# grounded on its own. Each caption records which attributes it names, for the multi-positive loss.
-WORLD_CAPTIONS = (
-    "a photo of a {c} {s}.", "a {c} {s}.", "a photo of a {z} {c} {s}.",
-    "a {c} {s} on a {b} background.", "a drawing of a {c} {s}.", "an image showing a {c} {s}.",
-    "a picture of a {z} {c} {s} on a {b} background.", "there is a {c} {s} in the picture.",
-    "a close-up photo of the {c} {s}.", "a {z} {s} that is {c}.",
-    "this is a {c} {s}, a simple shape.", "a rendering of one {c} {s} in front of a {b} background.",
-)
-WORLD_COLOUR_ONLY = ("a {c} object.", "a photo of something {c}.")
-WORLD_SHAPE_ONLY = ("a {s}.", "a photo of a {s}.", "a {s} shape.")
-
-
-def world_caption_batch(n, gen, pairs, p_attribute_only=0.3):
-    """Sample n images' attributes from `pairs` and one caption each.
-
-    -> (colour, shape, size, background) [n] long each, captions list[str], named [n, 4] bool:
-    which of (colour, shape, size, background) each caption names."""
-    pick = torch.randint(0, len(pairs), (n,), generator=gen)
-    colour = torch.tensor([pairs[i][0] for i in pick.tolist()])
-    shape = torch.tensor([pairs[i][1] for i in pick.tolist()])
-    size = torch.randint(0, len(WORLD_SIZES), (n,), generator=gen)
-    background = torch.randint(0, len(WORLD_BACKGROUNDS), (n,), generator=gen)
-    kind, which = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
-    captions, named = [], torch.zeros(n, 4, dtype=torch.bool)
-    for i in range(n):
-        words = dict(c=WORLD_COLOURS[colour[i]], s=WORLD_SHAPES[shape[i]],
-                     z=WORLD_SIZES[size[i]], b=WORLD_BACKGROUNDS[background[i]])
-        if kind[i] < p_attribute_only / 3:
-            pool = WORLD_COLOUR_ONLY
-        elif kind[i] < p_attribute_only:
-            pool = WORLD_SHAPE_ONLY
-        else:
-            pool = WORLD_CAPTIONS
-        template = pool[int(which[i] * len(pool))]
-        captions.append(template.format(**words))
-        named[i] = torch.tensor(["{c}" in template, "{s}" in template, "{z}" in template, "{b}" in template])
-    return (colour, shape, size, background), captions, named
-
-
-def world_positive_mask(attributes, named):
-    """M[i, j] = 1 when image i fits every attribute that caption j names -> [n, n] float.
-    A batch holds many images of one class; counting them all as positives stops the loss from
-    pushing identical classes apart."""
-    attrs = torch.stack(attributes, 1)  # [n, 4]
-    agree = attrs[:, None, :] == attrs[None, :, :]  # [i, j, 4]
-    return (agree | ~named[None, :, :]).all(-1).float()
-
-
-# --- the tiny CLIP ------------------------------------------------------------------------------
-# An open_clip CLIP small enough to pretrain on 2 CPU cores in minutes: ViT patch 8 on 32 px
-# (16 patches + CLS), 6 layers of width 192; text transformer of width 128, 3 layers, 24 positions.
-TINY_CONFIG = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 32, "layers": 6, "width": 192, "patch_size": 8, "head_width": 32,
-                   "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
-}
-TINY_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny_clip_shapes.pt"
-
-
-def register_tiny():
-    """Register the tiny config with open_clip (public add_model_config), so that
-    open_clip.create_model("tiny") builds it like any other architecture."""
-    import open_clip
-
-    if "tiny" not in open_clip.list_models():
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "tiny.json"
-            path.write_text(json.dumps(TINY_CONFIG))
-            open_clip.add_model_config(path)
-
-
-def world_pretrain(steps=1500, batch_size=128, lr=1e-3, seed=0, out=TINY_CHECKPOINT, threads=2,
-                   log_every=100):
-    """Contrastive pretraining of the tiny CLIP on clean photos of the 48 seen colour-shape pairs.
-
-    AdamW (wd 0.1), 5 % linear warm-up then cosine, grad-norm clip 1.0, multi-positive InfoNCE in
-    both directions. Bit-identical reruns for a given seed and thread count on a quiet CPU."""
-    import open_clip
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    register_tiny()
-    model = open_clip.create_model("tiny")  # random init, fp32
-    tokenizer = open_clip.get_tokenizer("tiny")
-    seen, _ = world_combo_split()
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    warmup = max(1, int(0.05 * steps))
-    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
-    gen = _world_generator(seed, "pretrain")
-    used_tokens = torch.zeros(TINY_CONFIG["text_cfg"]["vocab_size"], dtype=torch.bool)
-    start, history = time.time(), []
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * schedule(step)
-        attributes, captions, named = world_caption_batch(batch_size, gen, seen)
-        images, _ = world_render(*attributes, "photo", gen)
-        images = (images.float() / 255 - mean) / std
-        tokens = tokenizer(captions)
-        used_tokens[tokens.flatten()] = True
-        image_features, text_features, scale = model(images, tokens)  # normalised [n, 128] each
-        logits = scale * image_features @ text_features.T  # [n images, n captions]
-        positives = world_positive_mask(attributes, named)
-        loss = 0.5 * (-(positives / positives.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-                      - (positives / positives.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if step % log_every == 0 or step == steps - 1:
-            history.append({"step": step, "loss": round(loss.item(), 4), "s": round(time.time() - start, 1)})
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
-    wall = time.time() - start
-    model.eval()
-    seen, heldout = world_combo_split()  # base/new below: the halves of the pretraining pairs
-    zero_shot = {"photo_base": world_zero_shot(model, seen[:24], "photo"),
-                 "photo_new": world_zero_shot(model, seen[24:], "photo"),
-                 "photo_heldout": world_zero_shot(model, heldout, "photo"),
-                 "noisy_base": world_zero_shot(model, seen[:24], "noisy")}
-    print("zero-shot accuracy:", json.dumps(zero_shot), flush=True)
-    state = {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
-    table = state.pop("token_embedding.weight")
-    token_ids = used_tokens.nonzero()[:, 0]
-    checkpoint = {"config": TINY_CONFIG, "state_dict": state, "token_ids": token_ids,
-                  "token_rows": table[token_ids].clone(),
-                  "meta": {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-                           "threads": threads, "wall_s": round(wall, 1), "loss_history": history, "zero_shot": zero_shot,
-                           "torch": str(torch.__version__), "open_clip": str(open_clip.__version__)}}
-    if out is not None:
-        atomic_save(checkpoint, out)
-    return model, history, wall
-
-
-@torch.no_grad()
-def world_zero_shot(model, pairs, style, per_class=50, seed=12345, template="a photo of a {}."):
-    """Zero-shot accuracy of `model` on freshly rendered images of `pairs` in `style`, classifying
-    among those pairs' names only. A quick check used while pretraining and by the tests."""
-    import open_clip
-
-    images, labels = world_images(pairs, per_class, style, seed, "zero-shot-check")
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    tokenizer = open_clip.get_tokenizer("tiny")
-    text = F.normalize(model.encode_text(tokenizer([template.format(world_classname(*p)) for p in pairs])), dim=-1)
-    image = F.normalize(model.encode_image((images.float() / 255 - mean) / std), dim=-1)
-    return round((image @ text.T).argmax(1).eq(labels).float().mean().item(), 4)
-
-
-def load_tiny_clip(path=TINY_CHECKPOINT):
-    """Build the tiny CLIP through open_clip and load the shipped weights (fp16 on disk -> fp32).
-    Token rows the world never used are zero (they were never trained)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tiny CLIP checkpoint not found at {path}. It ships with the "
-                                f"repository (assets/); rebuild it with `python data.py pretrain`.")
-    import open_clip
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    register_tiny()
-    model = open_clip.create_model("tiny")
-    state = {k: v.float() for k, v in checkpoint["state_dict"].items()}
-    table = torch.zeros_like(model.token_embedding.weight)
-    table[checkpoint["token_ids"]] = checkpoint["token_rows"].float()
-    state["token_embedding.weight"] = table
-    model.load_state_dict(state)
-    return model.eval()
-
-
-# --- downstream benchmarks ----------------------------------------------------------------------
-# "shapes" is the default benchmark of every method script: 24 colour-shape classes drawn as
-# outlines (zero-shot is weak there: the colour is a thin rim). "shapes_<style>" puts the same task
-# in another style. The other styles' test sets are the shifted domains; clean photos measure how
-# much of the pretrained skill a prompt forgets.
-WORLD_DATASETS = ("shapes",) + tuple(f"shapes_{style}" for style in WORLD_STYLES)
-
-
-def world_task_classes():
-    """The 24 (colour, shape) classes of the downstream task, base half first.
-
-    base (labels 0-11): {red, blue} x {triangle, star, cross, heart, hexagon, diamond}, a task of
-    telling shapes apart; new (labels 12-23): {green, yellow, purple, orange, pink, white} x
-    {circle, square}, a task of telling colours apart. The halves share no class and need different
-    cues, as base and new classes of a real dataset are different concepts: a prompt fitted to base
-    learns to favour shape, and the new classes pay for it (measured: README). 6 of the 24 pairs were
-    held out of pretraining (each word was still seen)."""
-    base = [(c, s) for c in (0, 2) for s in range(2, 8)]
-    new = [(c, s) for c in (1, 3, 4, 5, 6, 7) for s in (0, 1)]
-    return base + new
-
-
-@functools.lru_cache(maxsize=4)
-def _world_benchmark(name, seed=0):
-    style = WORLD_DEFAULT_STYLE if name == "shapes" else name.removeprefix("shapes_")
-    if style not in WORLD_STYLES:
-        raise ValueError(f"unknown world dataset {name!r}; world datasets: {', '.join(WORLD_DATASETS)}")
-    pairs = world_task_classes()
-    classnames = [world_classname(*pair) for pair in pairs]
-    pools, count = [], 0
-
-    def render(split, split_style):
-        nonlocal count
-        images, labels = world_images(pairs, WORLD_SPLIT_SIZES[split], split_style, seed, split)
-        pools.append(images)
-        items = [Item(count + i, label, classnames[label]) for i, label in enumerate(labels.tolist())]
-        count += len(items)
-        return items
-
-    train, val, test = render("train", style), render("val", style), render("test", style)
-    shifts = {other: render("test", other) for other in WORLD_STYLES if other != style}
-    pool = torch.cat(pools)  # [N, 3, 32, 32] uint8; an item's source is its row
-
-    def open_image(index):
-        return Image.fromarray(pool[index].permute(1, 2, 0).numpy())
-
-    return Benchmark(name=name, classnames=classnames, train=train, val=val, test=test,
-                     template="a photo of a {}.", shifts=shifts, open_image=open_image, augment=False)
-
-
-def _load_tiny(pretrained: Optional[str], device) -> Backbone:
-    """The world's tiny CLIP as a Backbone. pretrained: 'shapes' (the shipped checkpoint), a path to
-    a checkpoint written by `python data.py pretrain`, or None (random weights)."""
-    import open_clip
-
-    if pretrained is None:
-        register_tiny()
-        model = open_clip.create_model("tiny")
-    elif pretrained == "shapes" or str(pretrained).endswith(".pt"):
-        model = load_tiny_clip(TINY_CHECKPOINT if pretrained == "shapes" else pretrained)
-    else:
-        raise ValueError(f"unknown pretrained tag {pretrained!r} for 'tiny'. Valid: 'shapes' (the shipped "
-                         f"checkpoint), a path to a .pt written by `python data.py pretrain`, or None")
-    model = model.to(device).eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer("tiny")  # CLIP's BPE, 24 positions
-    return Backbone(model=model, tokenize=lambda texts: tokenizer(list(texts)), name="tiny",
-                    pretrained=pretrained, image_size=TINY_CONFIG["vision_cfg"]["image_size"],
-                    mean=CLIP_MEAN, std=CLIP_STD)
-
-
-def _cmd_zero_shot(argv) -> None:
-    parser = argparse.ArgumentParser(prog="data.py zero-shot", description=(
-        "Zero-shot accuracy of the tiny CLIP per class set and rendering style of the offline world "
-        "(template 'a photo of a {}.', each set classified among its own names)."))
-    parser.add_argument("--checkpoint", default=str(TINY_CHECKPOINT), help="tiny CLIP checkpoint")
-    parser.add_argument("--per-class", type=int, default=100, help="test images per class (default 100)")
-    args = parser.parse_args(argv)
-    model = load_tiny_clip(args.checkpoint)
-    task, (seen, heldout) = world_task_classes(), world_combo_split()
-    sets = {"task base (12)": task[:12], "task new (12)": task[12:],
-            "pretraining pairs (48)": seen, "held-out pairs (16)": heldout}
-    print("| class set | chance | " + " | ".join(WORLD_STYLES) + " |")
-    print("|---|---:|" + "---:|" * len(WORLD_STYLES))
-    for name, pairs in sets.items():
-        accs = [100 * world_zero_shot(model, pairs, style, args.per_class) for style in WORLD_STYLES]
-        print(f"| {name} | {100 / len(pairs):.1f} | " + " | ".join(f"{a:.1f}" for a in accs) + " |")
-
-
-def _cmd_pretrain(argv) -> None:
-    parser = argparse.ArgumentParser(prog="data.py pretrain", description=(
-        "Pretrain the offline world's tiny CLIP (contrastive, clean photos of 48 colour-shape pairs). "
-        "The shipped assets/tiny_clip_shapes.pt is this command with its defaults."))
-    parser.add_argument("--steps", type=int, default=1500, help="optimiser steps (default 1500; shape is learnt after ~500)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images (and captions) per step (default 128)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the rendered data (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads; bit-identical results need the same count (default 2)")
-    parser.add_argument("--log-every", type=int, default=100, help="print and record the loss every N steps (default 100)")
-    parser.add_argument("--out", default=str(TINY_CHECKPOINT), help=f"checkpoint path, written atomically (default {TINY_CHECKPOINT})")
-    args = parser.parse_args(argv)
-    world_pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                   out=args.out, threads=args.threads, log_every=args.log_every)
 
 
 # ==================================================================================================
@@ -1551,7 +1110,11 @@ def _cmd_table(argv) -> None:
     print(results_table(records))
 
 
-COMMANDS = {"table": _cmd_table, "pretrain": _cmd_pretrain, "zero-shot": _cmd_zero_shot}  # `python data.py <command> ...`
+def _cmd_moved(argv) -> None:
+    sys.exit("the offline world's commands moved: run `python -m world pretrain` or `python -m world zero-shot`")
+
+
+COMMANDS = {"table": _cmd_table, "pretrain": _cmd_moved, "zero-shot": _cmd_moved}  # `python data.py <command> ...`
 
 
 def main(argv=None) -> None:

@@ -89,6 +89,21 @@ def _check_params(params: Sequence[torch.Tensor], device: torch.device):
             raise ValueError(f"tensor {k} is not contiguous")
 
 
+def _offsets(numels: Sequence[int]) -> list[int]:
+    """Where each tensor starts in the flat average: [0, n_0, n_0 + n_1, ...]."""
+    offsets = [0]
+    for n in numels[:-1]:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
+def _pointer_table(params: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """The kernel's int64 table [4, n]: data pointer, dtype code, numel, offset into the average."""
+    numels = [p.numel() for p in params]
+    rows = [[p.data_ptr() for p in params], [_DTYPE_CODE[p.dtype] for p in params], numels, _offsets(numels)]
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
 class GaussianPromptAverage:
     """fp32 running Gaussian average of a list of prompt tensors.
 
@@ -107,9 +122,7 @@ class GaussianPromptAverage:
         self.weights = gpa_weights(n_epochs, mu, sigma)
         self.shapes = [p.shape for p in params]
         self.numels = [p.numel() for p in params]
-        self.offsets = [0]
-        for n in self.numels[:-1]:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = _offsets(self.numels)
         self.flat = torch.zeros(sum(self.numels), dtype=torch.float32, device=self.device)
         self.averages = [self.flat[o:o + n].view(s)
                          for o, n, s in zip(self.offsets, self.numels, self.shapes)]
@@ -120,10 +133,8 @@ class GaussianPromptAverage:
 
     def _table_for(self, params):
         key = tuple((p.data_ptr(), p.dtype) for p in params)
-        if key != self._table_key:
-            rows = [[p.data_ptr() for p in params], [_DTYPE_CODE[p.dtype] for p in params],
-                    self.numels, self.offsets]
-            self._table = torch.tensor(rows, dtype=torch.int64).to(self.device)  # [4, n]
+        if key != self._table_key:  # shapes were checked: numels and offsets are the average's
+            self._table = _pointer_table(params, self.device)  # [4, n]
             self._table_key = key
         return self._table
 
@@ -166,14 +177,10 @@ def gpa_update_(avg_flat: torch.Tensor, params: Sequence[torch.Tensor], factor: 
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     if table is None:
         _check_params(params, avg_flat.device)
-        numels = [p.numel() for p in params]
-        if sum(numels) != avg_flat.numel():
-            raise ValueError(f"tensors hold {sum(numels)} elements, the average {avg_flat.numel()}")
-        offsets = [0]
-        for n in numels[:-1]:
-            offsets.append(offsets[-1] + n)
-        table = torch.tensor([[p.data_ptr() for p in params], [_DTYPE_CODE[p.dtype] for p in params],
-                              numels, offsets], dtype=torch.int64).to(avg_flat.device)
+        total = sum(p.numel() for p in params)
+        if total != avg_flat.numel():
+            raise ValueError(f"tensors hold {total} elements, the average {avg_flat.numel()}")
+        table = _pointer_table(params, avg_flat.device)
     n_tensors = len(params)
     n_split = max(1, min(triton.cdiv(max(p.numel() for p in params), block), 256))
     _gpa_update_kernel[(n_tensors, n_split)](table, avg_flat, n_tensors, float(factor), BLOCK=block,

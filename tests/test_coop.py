@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 import coop
+import data
 
-ROOT = Path(__file__).resolve().parents[1]
 # A random-init CLIP small enough for CPU tests, with OpenAI CLIP's 77-token text context.
+ROOT = Path(__file__).resolve().parents[1]
 TINY_NAME = "coop-test-tiny"
 TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
@@ -233,15 +234,6 @@ def fixture_run(tmp_path, *extra, name="run1"):
             "--root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs" / name), *COMMON, *extra]
 
 
-def test_smoke_run_as_a_script_then_evaluate_reproduces(tmp_path):
-    run = tmp_path / "runs" / "run1"
-    stdout = run_coop(*fixture_run(tmp_path, "--epochs", "2"), cwd=tmp_path)
-    assert "zero-shot CLIP" in stdout and "CoOp" in stdout
-    results = check_run(run, "coop")
-    run_coop("--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON, cwd=tmp_path)
-    check_reproduced(run, results)
-
-
 def test_cocoop_run_in_process_refuses_overwrite_and_evaluate_reproduces(tmp_path, monkeypatch):
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
     run = tmp_path / "runs" / "run1"
@@ -273,16 +265,6 @@ def test_overwrite_replaces_the_whole_run(tmp_path, monkeypatch):
     coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "2", "--overwrite")))
     assert not (run / "eval.json").exists()  # nothing of the old run stays beside the new results
     assert json.loads((run / "results.json").read_text())["epoch"] == 2
-
-
-def test_default_world_run_two_epochs_on_cached_features(tmp_path):
-    """The default path (the offline world, cached image features), shortened to 2 epochs."""
-    record = coop.main(coop.parse_args(["--epochs", "2", "--output-dir", str(tmp_path / "run"), *COMMON]))
-    assert record["dataset"] == "shapes" and record["backbone"] == "tiny" and record["epoch"] == 2
-    # zero-shot CLIP on the world is fixed by the shipped tiny CLIP and the renderer (README table)
-    assert (round(record["zero_shot"]["base"], 2), round(record["zero_shot"]["new"], 2)) == (17.58, 51.75)
-    assert set(record["shifts"]) == {"photo", "noisy", "vivid", "lowcontrast"}
-    assert abs(record["base"] - record["zero_shot"]["base"]) < 10  # 2 epochs at warm-up lr move little
 
 
 def learned(run):
@@ -355,11 +337,11 @@ def test_a_setting_that_would_give_wrong_numbers_is_refused_before_anything_is_w
 
 
 def test_resume_or_evaluate_of_a_folder_without_a_readable_checkpoint_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(data.UsageError, match="nothing/checkpoint.pt"):
         coop.main(coop.parse_args(["--resume", str(tmp_path / "nothing"), *COMMON]))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SystemExit, match="checkpoint.pt cannot be read"):
+    with pytest.raises(data.UsageError, match="broken/checkpoint.pt"):
         coop.main(coop.parse_args(["--evaluate", str(tmp_path / "broken"), *COMMON]))
 
 

@@ -4,6 +4,9 @@ in tmp_path; no dataset or weights are downloaded."""
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -356,6 +359,30 @@ def test_bad_backbones_are_clear_errors():
         data.load_backbone("ViT-B-16-SigLIP", None)  # text tower with its own tokenizer and pooling
     assert data.default_backbone("caltech101") == ("ViT-B-16", "openai")
     assert data.default_backbone("shapes") == ("tiny", "shapes")
+
+
+def test_data_py_alone_loads_real_backbones_and_names_the_missing_world(tmp_path, small_config):
+    """data.py reaches world/ only when the world is asked for: alone in a folder it imports and loads
+    an open_clip model; asking for the world says which folder is missing."""
+    shutil.copy(Path(data.__file__), tmp_path / "data.py")
+    config = tmp_path / f"{TEST_MODEL}.json"
+    config.write_text(json.dumps(small_config))
+    code = f"""
+import open_clip, pytest, sys
+open_clip.add_model_config({str(config)!r})
+import data
+bb = data.load_backbone({TEST_MODEL!r}, None, "cpu")
+print("loaded", bb.name, bb.image_size)
+for ask in (lambda: data.load_dataset("shapes", None), lambda: data.load_backbone("tiny", "shapes")):
+    with pytest.raises(ModuleNotFoundError, match="world/"):
+        ask()
+assert not any(name == "world" or name.startswith("world.") for name in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"loaded {TEST_MODEL} 32" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------

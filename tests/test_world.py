@@ -1,23 +1,25 @@
-"""The built-in offline world: determinism, captions that match pixels, the shipped tiny CLIP, and
-the pretraining entry point."""
-import json
+"""The built-in offline world (world/): determinism, captions that match pixels, the shipped tiny
+CLIP, and the pretraining entry point."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import data
+from world import shapes, tiny_clip
 
-ROOT = data.Path(data.__file__).resolve().parent
+ROOT = Path(data.__file__).resolve().parent
 
 
 def _render(seed, n=24, style="photo"):
-    gen = data._world_generator(seed, "test-render")
+    gen = shapes.world_generator(seed, "test-render")
     colour, shape = torch.arange(n) % 8, (torch.arange(n) // 3) % 8
     size, background = torch.arange(n) % 2, torch.arange(n) % 5
-    return data.world_render(colour, shape, size, background, style, gen)
+    return shapes.world_render(colour, shape, size, background, style, gen)
 
 
 def test_rendering_is_deterministic_per_seed_and_differs_across_seeds():
@@ -31,18 +33,18 @@ def test_rendering_is_deterministic_per_seed_and_differs_across_seeds():
 
 @pytest.mark.parametrize("style", ["photo", "outline", "vivid", "lowcontrast"])
 def test_caption_colour_is_the_dominant_colour_of_the_shape_region(style):
-    gen = data._world_generator(3, "colour-check", style)
+    gen = shapes.world_generator(3, "colour-check", style)
     n = 64
     colour, shape = torch.arange(n) % 8, torch.arange(n) // 8
     size = torch.ones(n, dtype=torch.long)  # large: enough pure shape pixels to measure
-    images, mask = data.world_render(colour, shape, size, torch.arange(n) % 5, style, gen)
+    images, mask = shapes.world_render(colour, shape, size, torch.arange(n) % 5, style, gen)
     pixels = images.float() / 255
     inside = (mask > 0.99).float()[:, None]  # pixels fully covered by the painted shape
     assert (inside.sum((1, 2, 3)) >= 4).all()
     mean_rgb = (pixels * inside).sum((2, 3)) / inside.sum((2, 3))  # [n, 3]
     if style == "lowcontrast":  # undo the known contrast squeeze before naming the colour
         mean_rgb = 0.5 + (mean_rgb - 0.5) / 0.3
-    nearest = torch.cdist(mean_rgb, data.WORLD_RGB).argmin(1)
+    nearest = torch.cdist(mean_rgb, shapes.WORLD_RGB).argmin(1)
     assert torch.equal(nearest, colour)
 
 
@@ -74,7 +76,7 @@ def test_positive_mask_counts_every_matching_image():
     named = torch.tensor([[True, True, False, False],    # "a red star."
                           [True, True, True, False],     # "a photo of a large red star."
                           [False, True, False, False]])  # "a star."
-    m = data.world_positive_mask(attributes, named)
+    m = shapes.world_positive_mask(attributes, named)
     expected = torch.tensor([[1., 0., 1.], [1., 1., 1.], [0., 0., 1.]])
     assert torch.equal(m, expected)
 
@@ -82,22 +84,22 @@ def test_positive_mask_counts_every_matching_image():
 def test_shipped_tiny_clip_zero_shot_within_band():
     """Guards the loader, the checkpoint and the transform path: accuracies measured when the
     checkpoint was made (README), with a band for rendering noise on 20 images per class."""
-    model = data.load_tiny_clip()
-    seen, heldout = data.world_combo_split()
-    photo_base = data.world_zero_shot(model, seen[:24], "photo", per_class=20)
-    noisy_base = data.world_zero_shot(model, seen[:24], "noisy", per_class=20)
+    model = tiny_clip.load_tiny_clip()
+    seen, heldout = shapes.world_combo_split()
+    photo_base = tiny_clip.world_zero_shot(model, seen[:24], "photo", per_class=20)
+    noisy_base = tiny_clip.world_zero_shot(model, seen[:24], "noisy", per_class=20)
     assert 0.93 <= photo_base <= 1.0, photo_base  # 0.979 when the checkpoint was made
     assert 0.42 <= noisy_base <= 0.62, noisy_base  # 0.519
-    checkpoint = torch.load(data.TINY_CHECKPOINT, map_location="cpu", weights_only=True)
-    assert data.TINY_CHECKPOINT.stat().st_size < 20e6
-    assert checkpoint["config"] == data.TINY_CONFIG
+    checkpoint = torch.load(tiny_clip.TINY_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert tiny_clip.TINY_CHECKPOINT.stat().st_size < 20e6
+    assert checkpoint["config"] == tiny_clip.TINY_CONFIG
 
 
 def test_tiny_backbone_through_the_loader_matches_direct_load():
     backbone = data.load_backbone("tiny", "shapes", "cpu")
-    direct = data.load_tiny_clip()
+    direct = tiny_clip.load_tiny_clip()
     tokens = backbone.tokenize(["a photo of a red star."])
-    assert tokens.shape == (1, data.TINY_CONFIG["text_cfg"]["context_length"])
+    assert tokens.shape == (1, tiny_clip.TINY_CONFIG["text_cfg"]["context_length"])
     with torch.no_grad():
         assert torch.allclose(backbone.model.encode_text(tokens), direct.encode_text(tokens))
     assert backbone.image_size == 32
@@ -106,11 +108,18 @@ def test_tiny_backbone_through_the_loader_matches_direct_load():
 
 def test_pretraining_entry_point_runs_and_loss_goes_down(tmp_path):
     out = tmp_path / "tiny.pt"
-    subprocess.run([sys.executable, str(ROOT / "data.py"), "pretrain", "--steps", "12",
+    subprocess.run([sys.executable, "-m", "world", "pretrain", "--steps", "12",
                     "--batch-size", "64", "--threads", "1", "--log-every", "1", "--out", str(out)],
-                   check=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                   check=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
     meta = torch.load(out, map_location="cpu", weights_only=True)["meta"]
     losses = [h["loss"] for h in meta["loss_history"]]
     assert len(losses) >= 3
     assert sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
     assert out.stat().st_size < 20e6
+
+
+def test_the_old_data_py_commands_point_to_the_world():
+    proc = subprocess.run([sys.executable, str(ROOT / "data.py"), "pretrain"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "python -m world pretrain" in proc.stderr
