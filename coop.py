@@ -86,16 +86,19 @@ def parse_args(argv=None):
     a("--root", default="~/data", help="folder holding the datasets in CoOp's layout, as DATASET.ROOT")
     a("--download", action="store_true",
       help="let data.py download what torchvision can download (the papers: manual download)")
-    a("--model", default=None, help="open_clip model name; default: data.default_backbone(dataset) (paper: ViT-B-16)")
+    a("--model", default=None,
+      help="open_clip model name; default: data.default_backbone(dataset) (paper: ViT-B-16)")
     a("--pretrained", default=None,
       help="open_clip pretrained tag, 'none' for random init; required with --model (paper: openai)")
     a("--conditional", action="store_true",
       help="CoCoOp: add the meta-net that shifts the context per image (off: CoOp; official: --trainer CoCoOp)")
-    a("--n-ctx", type=int, default=4, help="context tokens M when --ctx-init is empty (CoCoOp-paper setting: 4)")
+    a("--n-ctx", type=int, default=4,
+      help="context tokens M when --ctx-init is empty (CoCoOp-paper setting: 4)")
     a("--ctx-init", default="a photo of a",
       help="words that initialise the context (M = their BPE token count); '' = random N(0, 0.02^2) "
            "(CoCoOp-paper setting: a photo of a)")
-    a("--csc", action="store_true", help="CoOp: class-specific context, one per class (paper default: off, unified)")
+    a("--csc", action="store_true",
+      help="CoOp: class-specific context, one per class (paper default: off, unified)")
     a("--class-token-position", default="end", choices=["end", "middle", "front"],
       help="CoOp: where the class name sits (paper: end)")
     a("--shots", type=int, default=16,
@@ -103,7 +106,8 @@ def parse_args(argv=None):
     a("--epochs", type=int, default=None,
       help="default: CoOp 50/100/200 for 1/2-4/8-16 shots (ImageNet 50), CoCoOp 10; see DATASET_SETTINGS")
     a("--batch-size", type=int, default=None, help="default: CoOp 32, CoCoOp 1, the paper values")
-    a("--lr", type=float, default=0.002, help="SGD learning rate after warm-up, cosine-annealed per epoch (paper: 0.002)")
+    a("--lr", type=float, default=0.002,
+      help="SGD learning rate after warm-up, cosine-annealed per epoch (paper: 0.002)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default: 0.9)")
     a("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default: 5e-4)")
     a("--warmup-epochs", type=int, default=1, help="constant warm-up epochs before the cosine (paper: 1)")
@@ -119,7 +123,8 @@ def parse_args(argv=None):
     a("--output-dir", default=None,
       help="run folder; default runs/<method>-<dataset>-<shots>shot-seed<seed>-<time> (official: --output-dir)")
     a("--overwrite", action="store_true",
-      help="replace a run folder that already holds a checkpoint (the official scripts skip a folder that exists)")
+      help="replace a run folder that already holds a checkpoint, all of it (the official scripts skip a "
+           "folder that exists)")
     a("--results-file", default=None,
       help="JSON-lines file that gets one line per run; default <output-dir>/../results.jsonl")
     a("--resume", default=None, metavar="RUN_DIR",
@@ -189,7 +194,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, clip):
         super().__init__()
-        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's CLIP text tower"
+        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's text tower"
         self.resblocks = clip.transformer.resblocks
         self.positional_embedding = clip.positional_embedding  # [L, d]
         self.ln_final = clip.ln_final
@@ -268,7 +273,8 @@ class PromptLearner(nn.Module):
         self.register_buffer("order", order.to(device), persistent=False)
 
     def forward(self, shift=None):
-        """shift: [B, d] meta-net output (CoCoOp) or None. Returns prompts [C, n, d] or [B, C, n, d], eot [C]."""
+        """shift: [B, d] meta-net output (CoCoOp) or None. Returns prompts [C, n, d] or [B, C, n, d],
+        and eot [C]."""
         n_cls = len(self.eot)
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(n_cls, -1, -1)  # [C, M, d]
         prefix, suffix = self.token_prefix, self.token_suffix
@@ -358,7 +364,8 @@ class CapturedStep:
         """Run `steps` steps on `inputs` (the kernels pick their algorithms, the optimiser makes its
         state), then put the learned tensors and the optimiser state back as they were."""
         learned = [p for p in self.model.parameters() if p.requires_grad]
-        saved = [(p.detach().clone(), {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)})
+        state = self.optimizer.state
+        saved = [(p.detach().clone(), {k: v.clone() for k, v in state[p].items() if torch.is_tensor(v)})
                  for p in learned]
         for _ in range(steps):
             self.step(self.model, self.optimizer, *inputs)
@@ -450,10 +457,12 @@ def main(args):
         args = resolve_settings(args)
     method = "cocoop" if args.conditional else "coop"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(args.resume or args.output_dir or
-               f"runs/{method}-{args.dataset}-{args.shots}shot-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    default_dir = f"runs/{method}-{args.dataset}-{args.shots}shot-seed{args.seed}-{stamp}"
+    out = Path(args.resume or args.output_dir or default_dir)
     if saved and (out / "results.json").exists():
-        raise SystemExit(f"error: {out} is finished (results.json exists): re-evaluate it with --evaluate {out}")
+        raise SystemExit(f"error: {out} is finished (results.json exists): re-evaluate it with "
+                         f"--evaluate {out}")
     if not saved and (out / "checkpoint.pt").exists() and not args.overwrite:
         raise SystemExit(f"error: {out} already holds a checkpoint: pass --overwrite to replace the run, "
                          "--resume to continue it, or another --output-dir")
@@ -504,8 +513,9 @@ def main(args):
         step_losses = torch.stack(step_losses).cpu()  # one wait for the device per epoch
         if not torch.isfinite(step_losses).all():
             bad = int((~torch.isfinite(step_losses)).nonzero()[0])
-            raise SystemExit(f"error: the loss became {step_losses[bad].item()} at epoch {epoch + 1}, step {bad + 1} "
-                             f"(lr {learning_rate(epoch, args):.3g}); nothing was recorded as a result. Lower --lr.")
+            raise SystemExit(f"error: the loss became {step_losses[bad].item()} at epoch {epoch + 1}, step "
+                             f"{bad + 1} (lr {learning_rate(epoch, args):.3g}); nothing was recorded as a "
+                             "result. Lower --lr.")
         epochs_bar.set_postfix(lr=f"{learning_rate(epoch, args):.2e}", loss=f"{step_losses.mean():.3f}",
                                acc=f"{float(correct) / seen:.3f}")
         save_training(out / "checkpoint.pt", args, epoch + 1, model, optimizer, train_loader)
@@ -547,7 +557,8 @@ def evaluate_run(model, benchmark, backbone, base_names, args, device) -> dict:
         if split == "new" and args.csc:
             print("--csc: the learned contexts belong to base classes; no prompt exists for new classes")
             continue
-        loader = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed, args.workers)
+        loader = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed,
+                                  args.workers)
         features, labels = encode_images(model, loader, device)  # once per split
         batches = list(zip(features.split(args.test_batch_size), labels.split(args.test_batch_size)))
         model.prompt_learner.set_classes(names)
@@ -564,7 +575,8 @@ def evaluate_run(model, benchmark, backbone, base_names, args, device) -> dict:
           f"{backbone.name}/{backbone.pretrained}")
     print(f"{'':16}" + "".join(f"{c:>12}" for c in columns))
     for name, row in rows.items():
-        print(f"{name:16}" + "".join(f"{row[c]:12.2f}" if row.get(c) is not None else f"{'-':>12}" for c in columns))
+        cells = [f"{row[c]:12.2f}" if row.get(c) is not None else f"{'-':>12}" for c in columns]
+        print(f"{name:16}" + "".join(cells))
     ours = rows[method_name]
     return dict(method="cocoop" if args.conditional else "coop", dataset=args.dataset, backbone=backbone.name,
                 pretrained=backbone.pretrained, shots=args.shots, seed=args.seed, epoch=args.epochs,

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_FILES = ["coop.py", "promptsrc.py", "vprompt.py", "proreg.py"]
-BLOCKS = ["text encoder", "evaluate"]
+BLOCKS = ["text encoder", "captured step", "evaluate"]
 START = "# ==== shared block: {} (identical in every method file) ===="
 END = "# ==== end shared block ===="
 
