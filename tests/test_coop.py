@@ -397,3 +397,19 @@ def test_captured_step_gives_the_eager_losses_on_cuda(clip, conditional):
     assert [step(x, y)[0].item() for x, y in batches[3:]] == pytest.approx(expected, rel=1e-3)
     for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_a_non_finite_loss_stops_the_run_with_epoch_and_step_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    real, calls = coop.train_step, []
+
+    def diverging(model, optimizer, x, y):
+        calls.append(1)
+        loss, correct = real(model, optimizer, x, y)
+        return (loss * float("nan") if len(calls) == 6 else loss), correct
+    monkeypatch.setattr(coop, "train_step", diverging)
+    with pytest.raises(SystemExit, match=r"the loss became nan at epoch 3, step 2 .*nothing was recorded"):
+        coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "4", "--batch-size", "2")))  # 2 steps an epoch
+    run = tmp_path / "runs" / "run1"
+    assert not (run / "results.json").exists() and not (run.parent / "results.jsonl").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2  # the last good epoch stays
