@@ -1010,7 +1010,8 @@ def _mean_std(values: list) -> str:
 # Run arguments that do not change the numbers: where a run ran and what it wrote, not what it
 # learned (plus anything path-like: *_dir, *_file, *_path). Every other argument tells groups apart.
 NOT_SETTINGS = {"seed", "output_dir", "results_file", "workers", "device", "root", "download", "overwrite",
-                "resume", "eval_only", "test_batch_size", "no_truncate", "bench_steps"}
+                "resume", "evaluate", "eager", "test_batch_size", "no_truncate",
+                "eval_only", "bench_steps"}  # the last two: flags of earlier versions of coop.py
 
 
 def _settings(record: dict) -> dict:
