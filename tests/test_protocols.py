@@ -96,7 +96,8 @@ def test_own_classes_keeps_the_classes_a_shifted_set_holds():
 
 
 def test_world_cross_targets_and_refused_protocol_settings():
-    assert data.transfer_targets("shapes") == ["shapes2"] and data.transfer_targets("shapes_noisy") == ["shapes2_noisy"]
+    assert data.transfer_targets("shapes") == ["shapes2"]
+    assert data.transfer_targets("shapes_noisy") == ["shapes2_noisy"]  # the same style
     assert data.transfer_targets("shapes2") == ["shapes"] and len(data.transfer_targets("imagenet")) == 10
     assert set(shapes.world_task2_classes()).isdisjoint(shapes.world_task_classes())
     with pytest.raises(SystemExit, match="--eval-datasets"):  # no default target for caltech101
