@@ -18,10 +18,18 @@ trained on, at the price of one text pass per (image, class) pair.
   python coop.py --dataset caltech101 --root ~/data --conditional
   python coop.py --resume runs/coop-caltech101-16shot-seed1-...     # continue a killed run
   python coop.py --evaluate runs/coop-caltech101-16shot-seed1-...   # re-evaluate a finished run
+  python coop.py --protocol all --shots 4             # few-shot on all classes (CoOp's main table)
+  python coop.py --protocol cross --dataset imagenet --root ~/data  # cross-dataset and domain generalisation
+  python coop.py --evaluate RUN_DIR --eval-datasets dtd,eurosat     # a saved run on other datasets
 
-Evaluation protocol: CoCoOp's base-to-new (train on the base half of the classes; accuracy on the
-base and the new half, each in its own label space, and their harmonic mean), plus the benchmark's
-shifted test sets restricted to the base classes (the world's other styles; ImageNet's variants).
+Evaluation protocols (--protocol):
+- base2new (default): CoCoOp's base-to-new. Train on the base half of the classes; accuracy on the base
+  and the new half, each in its own label space, their harmonic mean, and the benchmark's shifted test
+  sets restricted to the base classes (the world's other styles; ImageNet's variants).
+- all: CoOp's few-shot setting. Train and test on every class (one `all` accuracy), plus the shifted
+  test sets each in its own label space (domain generalisation: ImageNet-A and -R have 200 classes).
+- cross: cross-dataset transfer. Train as `all`, then evaluate on other datasets, each in its own label
+  space (--eval-datasets; default: ImageNet -> the other ten datasets, the world -> its second task).
 
 Differs from the official code (KaiyangZhou/CoOp) in:
 - open_clip instead of OpenAI's clip package (QuickGELU forced for the `openai` weights, as theirs).
@@ -71,6 +79,11 @@ DATASET_SETTINGS = {
     # CLIP and cached image features, CoOp's 200 epochs and CoCoOp's 10 take ~30 s each on 2 CPU cores.
     "shapes": {},
 }
+# What each protocol trains on. The official configs use the same settings in every protocol: CoOp's epochs
+# follow the shot count, CoCoOp runs 10 epochs, and cross-dataset/domain generalisation train on ImageNet
+# at 16 shots (the --shots default); so this dict holds only the class set.
+PROTOCOLS = {"base2new": dict(train_classes="base"), "all": dict(train_classes="all"),
+             "cross": dict(train_classes="all")}
 PROMPTS_PER_PASS = 4096  # CoCoOp: at most this many (image, class) prompts in one text pass
 # Settings of a run that may change when it is resumed or re-evaluated elsewhere (nothing numeric).
 LOCAL_SETTINGS = ("resume", "evaluate", "root", "device", "workers", "test_batch_size", "eager", "results_file")
@@ -101,6 +114,13 @@ def parse_args(argv=None):
       help="CoOp: class-specific context, one per class (paper default: off, unified)")
     a("--class-token-position", default="end", choices=["end", "middle", "front"],
       help="CoOp: where the class name sits (paper: end)")
+    a("--protocol", default="base2new", choices=list(PROTOCOLS),
+      help="base2new: train on the base half, test base/new (CoCoOp); all: train and test on every class "
+           "(CoOp); cross: as all, then test on --eval-datasets (cross-dataset transfer)")
+    a("--eval-datasets", default=None, metavar="A,B,C",
+      help="other datasets to test on after training, each in its own label space; default for --protocol "
+           "cross: imagenet -> the other ten CoOp datasets, shapes -> shapes2 (the world's second task). "
+           "With --evaluate: test a saved run on these")
     a("--shots", type=int, default=16,
       help="training images per class, sampled on all classes before the base/new split (paper: 16)")
     a("--epochs", type=int, default=None,
@@ -152,6 +172,8 @@ def resolve_settings(args):
                          "random init)")
     if args.pretrained in ("none", "None", ""):
         args.pretrained = None
+    if args.eval_datasets is None and args.protocol == "cross":
+        args.eval_datasets = ",".join(data.transfer_targets(args.dataset))
     check_settings(args)
     return args
 
@@ -174,6 +196,15 @@ def check_settings(args):
         refuse(f"--n-ctx {args.n_ctx} with an empty --ctx-init: the prompt needs at least one context token")
     if args.csc and args.conditional:
         refuse("--csc is CoOp's class-specific context; CoCoOp (--conditional) has one shared context")
+    if args.protocol == "cross" and not eval_datasets(args):
+        refuse(f"--protocol cross names no default targets for {args.dataset}: list them with --eval-datasets")
+    if args.csc and eval_datasets(args):
+        refuse("--csc learns one context per class of the training dataset: other datasets have no prompt")
+
+
+def eval_datasets(args):
+    """The other datasets a run is tested on (--eval-datasets), as a list."""
+    return [name.strip() for name in (getattr(args, "eval_datasets", None) or "").split(",") if name.strip()]
 
 
 def learning_rate(epoch, args):
@@ -457,8 +488,8 @@ def main(args):
         args = resolve_settings(args)
     method = "cocoop" if args.conditional else "coop"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    default_dir = f"runs/{method}-{args.dataset}-{args.shots}shot-seed{args.seed}-{stamp}"
+    stamp, protocol = time.strftime("%Y%m%d-%H%M%S"), "" if args.protocol == "base2new" else f"{args.protocol}-"
+    default_dir = f"runs/{method}-{args.dataset}-{protocol}{args.shots}shot-seed{args.seed}-{stamp}"
     out = Path(args.resume or args.output_dir or default_dir)
     if saved and (out / "results.json").exists():
         raise SystemExit(f"error: {out} is finished (results.json exists): re-evaluate it with "
@@ -466,7 +497,8 @@ def main(args):
     if not saved and (out / "checkpoint.pt").exists() and not args.overwrite:
         raise SystemExit(f"error: {out} already holds a checkpoint: pass --overwrite to replace the run, "
                          "--resume to continue it, or another --output-dir")
-    print(f"{method} on {args.dataset}: {args.model}/{args.pretrained}, {args.shots} shots, seed {args.seed}, "
+    print(f"{method} on {args.dataset} ({args.protocol}): {args.model}/{args.pretrained}, {args.shots} shots, "
+          f"seed {args.seed}, "
           f"{args.epochs} epochs, batch {args.batch_size}, device {device} -> {out}")
 
     # Seeding: everything random below (few-shot sampling, context init, shuffling) follows args.seed.
@@ -474,18 +506,21 @@ def main(args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # Data: few-shot on all classes first, then the base half for training (CoCoOp protocol).
+    # Data: few-shot on all classes first, then the base half for training (base2new: CoCoOp protocol)
+    # or every class (all, cross); the other datasets are read now, so that a missing one stops the run here.
     benchmark = data.load_dataset(args.dataset, args.root, download=args.download)
+    targets = {name: data.load_dataset(name, args.root, download=args.download) for name in eval_datasets(args)}
     backbone = data.load_backbone(args.model, args.pretrained, device)
     if not saved:  # only once data and weights are there: a run that cannot start leaves no folder
         if args.overwrite and (out / "checkpoint.pt").exists():
             shutil.rmtree(out)  # the whole old run goes, so no file of it is left beside the new results
         out.mkdir(parents=True, exist_ok=True)
         data.atomic_write_text(json.dumps(vars(args), indent=2), out / "args.json")
-    _, base_names = data.subsample_classes(benchmark.test, benchmark.classnames, "base")
-    model = PromptedCLIP(backbone.model, backbone.tokenize, base_names, args).to(device)
+    train_classes = PROTOCOLS[args.protocol]["train_classes"]
+    _, train_names = data.subsample_classes(benchmark.test, benchmark.classnames, train_classes)
+    model = PromptedCLIP(backbone.model, backbone.tokenize, train_names, args).to(device)
     train_items = data.fewshot(benchmark.train, args.shots, args.seed, cache=out / "fewshot.json")
-    train_items, _ = data.subsample_classes(train_items, benchmark.classnames, "base")
+    train_items, _ = data.subsample_classes(train_items, benchmark.classnames, train_classes)
     train_loader = training_batches(model, train_items, benchmark, backbone, args, device)
 
     # Optimiser: SGD on the context (and CoCoOp's meta-net). The lr is a tensor that the schedule
@@ -499,7 +534,7 @@ def main(args):
     else:
         step = lambda x, y: train_step(model, optimizer, x, y)  # noqa: E731
     print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images "
-          f"of {len(base_names)} base classes")
+          f"of {len(train_names)} {train_classes} classes")
     start_epoch = restore_training(saved, model, optimizer, train_loader) if saved else 0
 
     epochs_bar = tqdm(range(start_epoch, args.epochs), desc="train", initial=start_epoch, total=args.epochs)
@@ -520,7 +555,7 @@ def main(args):
                                acc=f"{float(correct) / seen:.3f}")
         save_training(out / "checkpoint.pt", args, epoch + 1, model, optimizer, train_loader)
 
-    record = evaluate_run(model, benchmark, backbone, base_names, args, device)
+    record = evaluate_run(model, benchmark, targets, backbone, train_names, args, device)
     record["wall_s"] = round(time.time() - start_time, 1)
     data.atomic_write_text(json.dumps(record, indent=2), out / "results.json")
     checkpoint = data.load_checkpoint(out / "checkpoint.pt")
@@ -544,45 +579,64 @@ def training_batches(model, items, benchmark, backbone, args, device):
                       generator=torch.Generator().manual_seed(args.seed))
 
 
-def evaluate_run(model, benchmark, backbone, base_names, args, device) -> dict:
-    """Accuracy of the learned prompts and of zero-shot CLIP on the base classes, the new classes and
-    the shifted test sets (restricted to the base classes); prints the table, returns the record."""
-    splits = {"base": data.subsample_classes(benchmark.test, benchmark.classnames, "base"),
-              "new": data.subsample_classes(benchmark.test, benchmark.classnames, "new")}
-    splits.update({name: (data.shift_items(items, base_names), base_names)
-                   for name, items in benchmark.shifts.items()})
+def evaluate_run(model, benchmark, targets, backbone, train_names, args, device) -> dict:
+    """Accuracy of the learned prompts and of zero-shot CLIP on the protocol's test sets (evaluation_sets);
+    prints the table, returns the record."""
+    splits = evaluation_sets(benchmark, targets, train_names, args.protocol)
     method_name = "CoCoOp" if args.conditional else "CoOp"
     rows, test_loss = {"zero-shot CLIP": {}, method_name: {}}, {}
-    for split, (items, names) in splits.items():
-        if split == "new" and args.csc:
-            print("--csc: the learned contexts belong to base classes; no prompt exists for new classes")
+    for split, (items, names, source) in splits.items():
+        if args.csc and names != train_names:
+            print(f"--csc: the learned contexts belong to the training classes; no prompt exists for {split}")
             continue
-        loader = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed,
+        loader = data.make_loader(items, source, backbone, False, args.test_batch_size, args.seed,
                                   args.workers)
         features, labels = encode_images(model, loader, device)  # once per split
         batches = list(zip(features.split(args.test_batch_size), labels.split(args.test_batch_size)))
         model.prompt_learner.set_classes(names)
         metrics = evaluate(model, batches)
         rows[method_name][split], test_loss[split] = metrics["acc"], metrics["loss"]
-        zero_shot = ZeroShotCLIP(backbone.model, backbone.tokenize, names, benchmark.template)
+        zero_shot = ZeroShotCLIP(backbone.model, backbone.tokenize, names, source.template)
         rows["zero-shot CLIP"][split] = evaluate(zero_shot, batches)["acc"]
-    model.prompt_learner.set_classes(base_names)
+    model.prompt_learner.set_classes(train_names)
     for row in rows.values():
         row["hm"] = data.harmonic_mean(row["base"], row["new"]) if "new" in row else None
 
-    columns = ["base", "new", "hm", *benchmark.shifts]
-    print(f"\n{args.dataset}, {args.shots} shots, seed {args.seed}, epoch {args.epochs}, "
+    head = ["base", "new", "hm"] if args.protocol == "base2new" else ["all"]
+    columns = [*head, *benchmark.shifts, *targets]
+    print(f"\n{args.dataset} ({args.protocol}), {args.shots} shots, seed {args.seed}, epoch {args.epochs}, "
           f"{backbone.name}/{backbone.pretrained}")
-    print(f"{'':16}" + "".join(f"{c:>12}" for c in columns))
+    width = {c: max(12, len(c) + 1) for c in columns}
+    print(f"{'':16}" + "".join(f"{c:>{width[c]}}" for c in columns))
     for name, row in rows.items():
-        cells = [f"{row[c]:12.2f}" if row.get(c) is not None else f"{'-':>12}" for c in columns]
+        cells = [f"{row[c]:{width[c]}.2f}" if row.get(c) is not None else f"{'-':>{width[c]}}" for c in columns]
         print(f"{name:16}" + "".join(cells))
     ours = rows[method_name]
-    return dict(method="cocoop" if args.conditional else "coop", dataset=args.dataset, backbone=backbone.name,
-                pretrained=backbone.pretrained, shots=args.shots, seed=args.seed, epoch=args.epochs,
-                base=ours["base"], new=ours.get("new"), hm=ours["hm"],
-                shifts={s: ours[s] for s in benchmark.shifts}, zero_shot=rows["zero-shot CLIP"],
-                test_loss=test_loss, args=vars(args))
+    return dict(method="cocoop" if args.conditional else "coop", protocol=args.protocol, dataset=args.dataset,
+                backbone=backbone.name, pretrained=backbone.pretrained, shots=args.shots, seed=args.seed,
+                epoch=args.epochs, base=ours.get("base"), new=ours.get("new"), hm=ours["hm"], all=ours.get("all"),
+                shifts={s: ours[s] for s in benchmark.shifts if s in ours},
+                transfer={t: ours[t] for t in targets if t in ours}, zero_shot=rows["zero-shot CLIP"],
+                test_loss=test_loss, classes={split: len(names) for split, (_, names, _) in splits.items()},
+                args=vars(args))
+
+
+def evaluation_sets(benchmark, targets, train_names, protocol) -> dict:
+    """{split: (items, classnames, benchmark they come from)}, each split in the label space it is tested in.
+    base2new: the base and new halves, and the shifted sets restricted to the base classes. all, cross:
+    the whole test set, and each shifted set in its own label space (the classes it holds). Then the
+    other datasets (targets), each on its whole test set with all its classes."""
+    if protocol == "base2new":
+        splits = {half: (*data.subsample_classes(benchmark.test, benchmark.classnames, half), benchmark)
+                  for half in ("base", "new")}
+        splits.update({name: (data.shift_items(items, train_names), train_names, benchmark)
+                       for name, items in benchmark.shifts.items()})
+    else:
+        splits = {"all": (benchmark.test, benchmark.classnames, benchmark)}
+        splits.update({name: (*data.own_classes(items, benchmark.classnames), benchmark)
+                       for name, items in benchmark.shifts.items()})
+    splits.update({name: (target.test, target.classnames, target) for name, target in targets.items()})
+    return splits
 
 
 # ------------------------------------------------------------------------------------------ saved runs
@@ -630,25 +684,32 @@ def restore_training(saved, model, optimizer, train_loader):
 
 
 def reevaluate(args):
-    """Evaluate a finished run's learned tensors again with its saved settings; writes RUN_DIR/eval.json
-    and nothing else (the run's results and the results file are left as they are)."""
+    """Evaluate a finished run's learned tensors again with its saved settings, on the datasets of
+    --eval-datasets when given (else the run's own); writes RUN_DIR/eval.json and nothing else (the
+    run's results and the results file are left as they are)."""
     run_dir = Path(args.evaluate)
     saved = load_run(run_dir)
     if saved["epoch"] < saved["args"]["epochs"]:
         raise SystemExit(f"error: {run_dir} stopped after epoch {saved['epoch']} of {saved['args']['epochs']}: "
                          f"finish it with --resume {run_dir}")
-    args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in LOCAL_SETTINGS}})
+    other_datasets = args.eval_datasets  # runs saved before --protocol existed were base2new runs
+    args = argparse.Namespace(**{"protocol": "base2new", "eval_datasets": None, **saved["args"],
+                                 **{k: getattr(args, k) for k in LOCAL_SETTINGS}})
+    args.eval_datasets = other_datasets or args.eval_datasets
+    check_settings(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)  # as in main: a random-init backbone ('none') gets the same weights
     benchmark = data.load_dataset(args.dataset, args.root, download=False)
+    targets = {name: data.load_dataset(name, args.root, download=False) for name in eval_datasets(args)}
     backbone = data.load_backbone(args.model, args.pretrained, device)
-    _, base_names = data.subsample_classes(benchmark.test, benchmark.classnames, "base")
-    model = PromptedCLIP(backbone.model, backbone.tokenize, base_names, args).to(device)
+    train_classes = PROTOCOLS[args.protocol]["train_classes"]
+    _, train_names = data.subsample_classes(benchmark.test, benchmark.classnames, train_classes)
+    model = PromptedCLIP(backbone.model, backbone.tokenize, train_names, args).to(device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(saved["learned"][name])
-    record = evaluate_run(model, benchmark, backbone, base_names, args, device)
+    record = evaluate_run(model, benchmark, targets, backbone, train_names, args, device)
     data.atomic_write_text(json.dumps(record, indent=2), run_dir / "eval.json")
     return record
 

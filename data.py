@@ -31,6 +31,9 @@ API CONTRACT (used by the method files; keep these names and meanings):
   fewshot(items, shots, seed, cache=None) -> list[Item]
   subsample_classes(items, classnames, which) -> (items relabelled from 0, classnames)
   shift_items(items, classnames) -> items of a shifted test set restricted to `classnames`, relabelled
+  own_classes(items, classnames) -> (items relabelled from 0, classnames): a shifted test set in its own
+      label space, the classes it holds (all of them for the world and ImageNet-V2/-Sketch, 200 for A/R)
+  transfer_targets(name) -> the datasets the cross-dataset protocol evaluates after training on `name`
   Backbone(model, tokenize, name, pretrained, image_size, mean, std)
   load_backbone(model, pretrained, device) -> Backbone
   default_backbone(dataset) -> (model, pretrained)   # ('tiny', 'shapes') for the world
@@ -920,6 +923,29 @@ def shift_items(items: list, classnames: list) -> list:
     return out
 
 
+def own_classes(items: list, classnames: list):
+    """A shifted test set in its own label space (domain generalisation): the classes that occur in it,
+    in the benchmark's label order, relabelled from 0 -> (items, their classnames). For the world and
+    ImageNet-V2/-Sketch that is every class; ImageNet-A and -R hold 200 (CoCoOp Table 3)."""
+    present = sorted({label for _, label, _ in items})
+    new_label = {old: new for new, old in enumerate(present)}
+    return [Item(s, new_label[y], c) for s, y, c in items], [classnames[y] for y in present]
+
+
+# Cross-dataset transfer (CoCoOp Table 2): from ImageNet to the other ten datasets, each in its own label
+# space; the world's counterpart is its other task (world/shapes.py: world_other_task).
+CROSS_DATASET_TARGETS = {"imagenet": ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                                      "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")}
+
+
+def transfer_targets(name: str) -> list:
+    """The datasets the cross-dataset protocol evaluates on after training on `name`; [] when the
+    protocol names none for it (then the user lists them)."""
+    if name.startswith(WORLD_PREFIX):
+        return [_world("shapes").world_other_task(name)]
+    return list(CROSS_DATASET_TARGETS.get(name, ()))
+
+
 def make_transform(backbone: Backbone, train: bool):
     """The papers' transforms (Dassl INPUT of every CoOp config). Train: random resized crop with
     scale (0.08, 1), bicubic, and a horizontal flip. Test: shorter side to the input size, centre
@@ -965,7 +991,8 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
 
 def append_result(path, record: dict) -> None:
     """Append one run as one JSON line. The table reads: method, dataset, backbone, pretrained,
-    shots, seed, base, new (accuracies in %, new None for all-class runs); wall_s and more may follow. One os.write on an
+    shots, seed, base, new (accuracies in %; None for all-class runs, which have `all`), shifts, transfer
+    (other datasets), protocol; wall_s and more may follow. One os.write on an
     O_APPEND descriptor, so parallel runs appending to one file do not interleave lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1010,16 +1037,16 @@ def _mean_std(values: list) -> str:
 # Run arguments that do not change the numbers: where a run ran and what it wrote, not what it
 # learned (plus anything path-like: *_dir, *_file, *_path). Every other argument tells groups apart.
 NOT_SETTINGS = {"seed", "output_dir", "results_file", "workers", "device", "root", "download", "overwrite",
-                "resume", "evaluate", "eager", "test_batch_size", "no_truncate",
+                "resume", "evaluate", "eager", "test_batch_size", "no_truncate", "eval_datasets",
                 "eval_only", "bench_steps"}  # the last two: flags of earlier versions of coop.py
 
 
 def _settings(record: dict) -> dict:
-    """The settings of a run that change its numbers: its args (see NOT_SETTINGS) and `protocol`."""
+    """The settings of a run that change its numbers: its args (see NOT_SETTINGS) and `protocol` (a record
+    without one is base-to-new, the only protocol before the key existed)."""
     args = record.get("args") or {}
     out = {k: v for k, v in args.items() if k not in NOT_SETTINGS and not k.endswith(("_dir", "_file", "_path"))}
-    if "protocol" in record:
-        out["protocol"] = record["protocol"]
+    out["protocol"] = record.get("protocol", "base2new")
     return out
 
 
@@ -1034,7 +1061,8 @@ def _zero_shot_records(records: list) -> list:
             zs = r["zero_shot"]
             out.append({**{k: r[k] for k in ("dataset", "backbone", "pretrained", "seed", "protocol") if k in r},
                         "method": "zero-shot", "shots": 0, "base": zs.get("base"), "new": zs.get("new"),
-                        "shifts": {k: v for k, v in zs.items() if k not in ("base", "new", "hm")}})
+                        "all": zs.get("all"),
+                        "shifts": {k: v for k, v in zs.items() if k not in ("base", "new", "hm", "all")}})
     return out
 
 
@@ -1049,9 +1077,13 @@ def results_table(records: list) -> str:
     averaged together; a 'settings' column then shows the ones that differ between rows that would
     otherwise look alike. 'runs' counts records (a repeated seed counts twice, as it is averaged twice).
     HM is the HM of the mean base and mean new accuracies, and each 'average' row takes the HM of the
-    averaged base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0)."""
+    averaged base and new accuracies over datasets, as the papers' Average rows do (METHODS.md §0).
+    All-class runs (protocols 'all' and 'cross') fill an 'all' column instead of base/new/HM, and the
+    other datasets of a cross-dataset run get columns beside the shifted test sets."""
     records = list(records) + _zero_shot_records(records)
-    shifts = list(dict.fromkeys(s for r in records for s in (r.get("shifts") or {})))
+    columns = lambda r: {**(r.get("shifts") or {}), **(r.get("transfer") or {})}  # shifted sets, other datasets
+    shifts = list(dict.fromkeys(s for r in records for s in columns(r)))
+    with_all = any(r.get("all") is not None for r in records)  # all-class runs (protocols 'all', 'cross')
     groups, settings = defaultdict(list), {}
     for r in records:
         backbone = f"{r['backbone']}/{r['pretrained']}" if r.get("pretrained") else r["backbone"]
@@ -1070,13 +1102,14 @@ def results_table(records: list) -> str:
         return " ".join(f"{k}={_show(settings[key][k])}" for k in differing if k in settings[key]) or "-"
 
     head = ["method", "dataset", "backbone", "shots", *(["settings"] if differing else []), "runs",
-            "base", "new", "HM", *shifts]
+            "base", "new", "HM", *(["all"] if with_all else []), *shifts]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     averages = defaultdict(list)
 
-    def row(columns, runs, base, new, base_cell, new_cell, shift_cells):
+    def row(columns, runs, base, new, base_cell, new_cell, shift_cells, all_cell="-"):
         hm = f"{harmonic_mean(base, new):.2f}" if base is not None and new is not None else "-"
-        rows.append("| " + " | ".join(map(str, (*columns, runs, base_cell, new_cell, hm, *shift_cells))) + " |")
+        rows.append("| " + " | ".join(map(str, (*columns, runs, base_cell, new_cell, hm,
+                                                  *([all_cell] if with_all else []), *shift_cells))) + " |")
 
     for key, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         method, dataset, backbone, shots, _ = key
@@ -1084,9 +1117,11 @@ def results_table(records: list) -> str:
         new = [r["new"] for r in runs if r.get("new") is not None]
         mb = statistics.fmean(base) if base else None
         mn = statistics.fmean(new) if new else None
-        shift_cells = [_mean_std([r["shifts"][s] for r in runs if s in (r.get("shifts") or {})]) for s in shifts]
+        shift_cells = [_mean_std([columns(r)[s] for r in runs if s in columns(r)]) for s in shifts]
+        all_cell = _mean_std([r["all"] for r in runs if r.get("all") is not None])
         shown = [cell(key)] if differing else []
-        row((method, dataset, backbone, shots, *shown), len(runs), mb, mn, _mean_std(base), _mean_std(new), shift_cells)
+        row((method, dataset, backbone, shots, *shown), len(runs), mb, mn, _mean_std(base), _mean_std(new), shift_cells,
+            all_cell)
         averages[(method, backbone, shots, *shown)].append((mb, mn))
     for (method, backbone, shots, *shown), means in sorted(averages.items(), key=lambda kv: tuple(map(str, kv[0]))):
         if len(means) > 1 and all(b is not None for b, _ in means):

@@ -172,9 +172,10 @@ def world_attributes(pairs, pick, gen):
     return colour, shape, size, background
 
 
-def world_images(pairs, per_class, style, seed, split):
-    """Render `per_class` images of every (colour, shape) pair -> (uint8 [N, 3, 32, 32], labels [N])."""
-    gen = world_generator(seed, split, style)
+def world_images(pairs, per_class, style, seed, split, task="shapes"):
+    """Render `per_class` images of every (colour, shape) pair -> (uint8 [N, 3, 32, 32], labels [N]).
+    A task other than the first draws from its own generators (the first task's keys are unchanged)."""
+    gen = world_generator(seed, split, style) if task == "shapes" else world_generator(seed, split, style, task)
     labels = torch.arange(len(pairs)).repeat_interleave(per_class)
     images, _ = world_render(*world_attributes(pairs, labels, gen), style, gen)
     return images, labels
@@ -237,8 +238,11 @@ def world_positive_mask(attributes, named):
 # "shapes" is the default benchmark of every method script: 24 colour-shape classes drawn as
 # outlines (zero-shot is weak there: the colour is a thin rim). "shapes_<style>" puts the same task
 # in another style. The other styles' test sets are the shifted domains; clean photos measure how
-# much of the pretrained skill a prompt forgets.
-WORLD_DATASETS = ("shapes",) + tuple(f"shapes_{style}" for style in WORLD_STYLES)
+# much of the pretrained skill a prompt forgets. "shapes2" (and "shapes2_<style>") is a second task
+# whose classes the first never has: the target of the cross-dataset protocol.
+WORLD_TASKS = ("shapes", "shapes2")
+WORLD_DATASETS = tuple(f"{task}{suffix}" for task in WORLD_TASKS
+                       for suffix in ("", *(f"_{style}" for style in WORLD_STYLES)))
 
 
 def world_task_classes():
@@ -255,19 +259,35 @@ def world_task_classes():
     return base + new
 
 
+def world_task2_classes():
+    """The 18 classes of the second task ('shapes2'): {green, yellow, purple} x {triangle, star, cross,
+    heart, hexagon, diamond}, pairs that the first task never uses (its new classes have these colours
+    only as circles and squares, its base classes these shapes only in red and blue). 4 of the 18 were
+    held out of pretraining (world_combo_split): green heart, yellow star, yellow diamond, purple cross."""
+    return [(c, s) for c in (1, 3, 4) for s in range(2, 8)]
+
+
+def world_other_task(name):
+    """The cross-dataset target of a world benchmark: the other task in the same style
+    ('shapes' -> 'shapes2', 'shapes_noisy' -> 'shapes2_noisy', 'shapes2' -> 'shapes')."""
+    task, _, style = name.partition("_")
+    return WORLD_TASKS[1 - WORLD_TASKS.index(task)] + (f"_{style}" if style else "")
+
+
 @functools.lru_cache(maxsize=4)
 def world_benchmark(name, seed=0):
-    """The benchmark `name` ('shapes' or 'shapes_<style>'), rendered once per process."""
-    style = WORLD_DEFAULT_STYLE if name == "shapes" else name.removeprefix("shapes_")
-    if style not in WORLD_STYLES:
+    """The benchmark `name` ('shapes', 'shapes2', or either + '_<style>'), rendered once per process."""
+    task, _, style = name.partition("_")
+    style = style or WORLD_DEFAULT_STYLE
+    if task not in WORLD_TASKS or style not in WORLD_STYLES:
         raise ValueError(f"unknown world dataset {name!r}; world datasets: {', '.join(WORLD_DATASETS)}")
-    pairs = world_task_classes()
+    pairs = world_task_classes() if task == "shapes" else world_task2_classes()
     classnames = [world_classname(*pair) for pair in pairs]
     pools, count = [], 0
 
     def render(split, split_style):
         nonlocal count
-        images, labels = world_images(pairs, WORLD_SPLIT_SIZES[split], split_style, seed, split)
+        images, labels = world_images(pairs, WORLD_SPLIT_SIZES[split], split_style, seed, split, task)
         pools.append(images)
         items = [Item(count + i, label, classnames[label]) for i, label in enumerate(labels.tolist())]
         count += len(items)
