@@ -52,6 +52,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -167,9 +168,9 @@ def resolve_settings(args):
     if args.model is None:
         args.model, default_pretrained = data.default_backbone(args.dataset)
         args.pretrained = default_pretrained if args.pretrained is None else args.pretrained
-    elif args.pretrained is None:  # never fall back to random weights silently
-        raise SystemExit("error: --model needs --pretrained (an open_clip tag, a weights file, or 'none' for "
-                         "random init)")
+    else:  # never fall back to random weights silently
+        data.require(args.pretrained is not None, "--model needs --pretrained (an open_clip tag, a weights "
+                     "file, or 'none' for random init)")
     if args.pretrained in ("none", "None", ""):
         args.pretrained = None
     if args.eval_datasets is None and args.protocol == "cross":
@@ -179,27 +180,24 @@ def resolve_settings(args):
 
 
 def check_settings(args):
-    """Refuse, before anything is written, a setting that would run and give wrong numbers."""
-    def refuse(message):
-        raise SystemExit(f"error: {message}")
+    """Refuse, before anything is written, a setting that would run and give wrong numbers (a
+    data.UsageError: one line that names the value). The prompt's length is checked where it is
+    tokenized (PromptLearner)."""
     for name in ("epochs", "batch_size", "shots", "test_batch_size"):
-        if getattr(args, name) < 1:
-            refuse(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    for name in ("lr", "momentum", "weight_decay", "warmup_lr"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-            refuse(f"--{name.replace('_', '-')} {value}: must be a finite number"
-                   f"{' above 0' if name == 'lr' else ' of at least 0'}")
-    if args.warmup_epochs < 0 or args.workers < 0:
-        refuse(f"--warmup-epochs {args.warmup_epochs} / --workers {args.workers}: must be at least 0")
-    if not args.ctx_init.strip() and args.n_ctx < 1:
-        refuse(f"--n-ctx {args.n_ctx} with an empty --ctx-init: the prompt needs at least one context token")
-    if args.csc and args.conditional:
-        refuse("--csc is CoOp's class-specific context; CoCoOp (--conditional) has one shared context")
-    if args.protocol == "cross" and not eval_datasets(args):
-        refuse(f"--protocol cross names no default targets for {args.dataset}: list them with --eval-datasets")
-    if args.csc and eval_datasets(args):
-        refuse("--csc learns one context per class of the training dataset: other datasets have no prompt")
+        data.check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    for name in ("warmup_epochs", "workers"):
+        data.check_int(f"--{name.replace('_', '-')}", getattr(args, name), 0)
+    data.check_float("--lr", args.lr, above=0)
+    for name in ("momentum", "weight_decay", "warmup_lr"):
+        data.check_float(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
+    data.require(args.ctx_init.strip() or args.n_ctx >= 1,
+                 f"--n-ctx {args.n_ctx} with an empty --ctx-init: the prompt needs at least one context token")
+    data.require(not (args.csc and args.conditional),
+                 "--csc is CoOp's class-specific context; CoCoOp (--conditional) has one shared context")
+    data.require(args.protocol != "cross" or eval_datasets(args), f"--protocol cross names no default "
+                 f"targets for {args.dataset}: list them with --eval-datasets")
+    data.require(not (args.csc and eval_datasets(args)),
+                 "--csc learns one context per class of the training dataset: other datasets have no prompt")
 
 
 def eval_datasets(args):
@@ -254,9 +252,12 @@ class PromptLearner(nn.Module):
         self.position, self.truncate = args.class_token_position, not getattr(args, "no_truncate", False)
         device, n_cls = clip.token_embedding.weight.device, len(classnames)
         ctx_dim = clip.ln_final.weight.shape[0]  # text width d (512 for ViT-B/16)
+        context_length = tokenize(["x"]).shape[1]  # L: 77 for OpenAI CLIP
         if args.ctx_init:
-            ids = tokenize([args.ctx_init]).to(device)  # [1, L]
+            ids = tokenize([args.ctx_init]).to(device)  # [1, L]; cut to L by the tokenizer
             self.n_ctx = int(ids.argmax(-1)) - 1  # BPE tokens between SOS and EOT: "a photo of a" -> 4
+            data.require(self.n_ctx + 2 < context_length, f"--ctx-init {args.ctx_init!r} does not fit the text "
+                         f"context of {context_length} tokens with a class name: use fewer words")
             with torch.no_grad():
                 ctx_vectors = self.token_embedding(ids)[0, 1:1 + self.n_ctx].float()  # [M, d]
             if args.csc:  # every class starts from the words
@@ -264,6 +265,8 @@ class PromptLearner(nn.Module):
             self.prefix_words = args.ctx_init
         else:
             self.n_ctx = args.n_ctx
+            data.require(self.n_ctx + 3 < context_length, f"--n-ctx {self.n_ctx} does not fit the text context "
+                         f"of {context_length} tokens with a class name: use fewer")
             ctx_vectors = torch.empty((n_cls, self.n_ctx, ctx_dim) if args.csc else (self.n_ctx, ctx_dim),
                                       device=device)
             nn.init.normal_(ctx_vectors, std=0.02)
@@ -283,6 +286,10 @@ class PromptLearner(nn.Module):
         device = self.token_embedding.weight.device
         ids = self.tokenize([f"{self.prefix_words} {name}." for name in names]).to(device)  # [C, L]
         eot = ids.argmax(-1)  # [C]: EOT has the largest token id
+        too_long = [name for name, e in zip(names, eot.tolist()) if e >= ids.shape[1] - 1]  # cut by the tokenizer
+        data.require(not too_long, f"the prompt '{self.prefix_words} <class>.' does not fit the text context "
+                     f"of {ids.shape[1]} tokens for {len(too_long)} classes (e.g. {(too_long or [''])[0]!r}): "
+                     "use a shorter --ctx-init or fewer --n-ctx")
         # Truncation: positions after the longest prompt's EOT never reach a feature (causal mask).
         length = int(eot.max()) + 1 if self.truncate else ids.shape[1]
         ids = ids[:, :length]
@@ -353,6 +360,15 @@ class PromptedCLIP(nn.Module):
             text_features = F.normalize(text_features.float(), dim=-1).view(len(chunk), n_cls, -1)  # [b, C, D]
             logits.append(scale * torch.einsum("bd,bcd->bc", chunk, text_features))
         return torch.cat(logits)  # [B, C]
+
+
+def sgd(learned, args, device):
+    """Dassl's SGD, with the lr in a tensor that the schedule fills in place, so that a captured step
+    reads each epoch's value (fused SGD reads it on the GPU; float64 on the CPU is the update of a
+    Python float, bit for bit)."""
+    lr = torch.tensor(args.lr, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    return torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           fused=device.type == "cuda")
 
 
 def train_step(model, optimizer, x, y):
@@ -498,8 +514,7 @@ def main(args):
         raise SystemExit(f"error: {out} already holds a checkpoint: pass --overwrite to replace the run, "
                          "--resume to continue it, or another --output-dir")
     print(f"{method} on {args.dataset} ({args.protocol}): {args.model}/{args.pretrained}, {args.shots} shots, "
-          f"seed {args.seed}, "
-          f"{args.epochs} epochs, batch {args.batch_size}, device {device} -> {out}")
+          f"seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}, device {device} -> {out}")
 
     # Seeding: everything random below (few-shot sampling, context init, shuffling) follows args.seed.
     random.seed(args.seed)
@@ -511,24 +526,22 @@ def main(args):
     benchmark = data.load_dataset(args.dataset, args.root, download=args.download)
     targets = {name: data.load_dataset(name, args.root, download=args.download) for name in eval_datasets(args)}
     backbone = data.load_backbone(args.model, args.pretrained, device)
-    if not saved:  # only once data and weights are there: a run that cannot start leaves no folder
+    train_classes = PROTOCOLS[args.protocol]["train_classes"]
+    _, train_names = data.subsample_classes(benchmark.test, benchmark.classnames, train_classes)
+    model = PromptedCLIP(backbone.model, backbone.tokenize, train_names, args).to(device)
+    if not saved:  # only once data, weights and prompts are there: a run that cannot start leaves no folder
         if args.overwrite and (out / "checkpoint.pt").exists():
             shutil.rmtree(out)  # the whole old run goes, so no file of it is left beside the new results
         out.mkdir(parents=True, exist_ok=True)
         data.atomic_write_text(json.dumps(vars(args), indent=2), out / "args.json")
-    train_classes = PROTOCOLS[args.protocol]["train_classes"]
-    _, train_names = data.subsample_classes(benchmark.test, benchmark.classnames, train_classes)
-    model = PromptedCLIP(backbone.model, backbone.tokenize, train_names, args).to(device)
     train_items = data.fewshot(benchmark.train, args.shots, args.seed, cache=out / "fewshot.json")
     train_items, _ = data.subsample_classes(train_items, benchmark.classnames, train_classes)
     train_loader = training_batches(model, train_items, benchmark, backbone, args, device)
 
-    # Optimiser: SGD on the context (and CoCoOp's meta-net). The lr is a tensor that the schedule
-    # fills in place, so the captured step reads each epoch's value (fused SGD reads it on the GPU).
+    # Optimiser: SGD on the context (and CoCoOp's meta-net), its lr a tensor the schedule fills in place.
     learned = [p for p in model.parameters() if p.requires_grad]
-    lr = torch.tensor(args.lr, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    optimizer = torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                fused=device.type == "cuda")
+    optimizer = sgd(learned, args, device)
+    lr = optimizer.param_groups[0]["lr"]
     if device.type == "cuda" and not args.eager:
         step = CapturedStep(train_step, model, optimizer)  # same step, replayed as one CUDA graph
     else:
@@ -609,7 +622,8 @@ def evaluate_run(model, benchmark, targets, backbone, train_names, args, device)
     width = {c: max(12, len(c) + 1) for c in columns}
     print(f"{'':16}" + "".join(f"{c:>{width[c]}}" for c in columns))
     for name, row in rows.items():
-        cells = [f"{row[c]:{width[c]}.2f}" if row.get(c) is not None else f"{'-':>{width[c]}}" for c in columns]
+        cells = [f"{row[c]:{width[c]}.2f}" if row.get(c) is not None else f"{'-':>{width[c]}}"
+                 for c in columns]
         print(f"{name:16}" + "".join(cells))
     ours = rows[method_name]
     return dict(method="cocoop" if args.conditional else "coop", protocol=args.protocol, dataset=args.dataset,
@@ -662,12 +676,17 @@ def load_run(run_dir):
     return data.load_checkpoint(Path(run_dir) / "checkpoint.pt")
 
 
+@torch.no_grad()
+def load_learned(model, learned):
+    """Copy saved learned tensors ({parameter name: tensor}, as save_training writes them) into the model."""
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.copy_(learned[name])
+
+
 def restore_training(saved, model, optimizer, train_loader):
     """Put a saved epoch back (see save_training); returns the number of epochs already done."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(saved["learned"][name])
+    load_learned(model, saved["learned"])
     lr = optimizer.param_groups[0]["lr"]
     optimizer.load_state_dict(saved["optimizer"])
     for group in optimizer.param_groups:  # keep the one lr tensor the schedule fills
@@ -705,10 +724,7 @@ def reevaluate(args):
     train_classes = PROTOCOLS[args.protocol]["train_classes"]
     _, train_names = data.subsample_classes(benchmark.test, benchmark.classnames, train_classes)
     model = PromptedCLIP(backbone.model, backbone.tokenize, train_names, args).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(saved["learned"][name])
+    load_learned(model, saved["learned"])
     record = evaluate_run(model, benchmark, targets, backbone, train_names, args, device)
     data.atomic_write_text(json.dumps(record, indent=2), run_dir / "eval.json")
     return record
@@ -718,4 +734,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except data.UsageError as error:  # a mistake the user can fix: one line that says what to do, no traceback
-        raise SystemExit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -235,7 +235,7 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else "")
-                               + ". Pass the checkpoint.pt of a finished run (its run folder holds it).")
+                               + ". Pass the folder of a run that completed at least one epoch (it holds checkpoint.pt).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

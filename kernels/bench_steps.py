@@ -78,9 +78,8 @@ def build(coop, backbone, names, method, args, device, truncate=True):
     torch.manual_seed(0)
     model = coop.PromptedCLIP(backbone.model, backbone.tokenize, names, settings).to(device)
     learned = [p for p in model.parameters() if p.requires_grad]
-    lr = torch.tensor(0.002, device=device, dtype=torch.float32 if device.type == "cuda" else torch.float64)
-    optimizer = torch.optim.SGD(learned, lr=lr, momentum=0.9, weight_decay=5e-4, fused=device.type == "cuda")
-    return model, optimizer
+    paper = argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4)
+    return model, coop.sgd(learned, paper, device)
 
 
 def official_step(model, optimizer, x, y):

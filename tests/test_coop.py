@@ -164,7 +164,7 @@ def test_paper_defaults_and_per_dataset_exceptions():
         a, b = resolved("--dataset", "shapes", *method), resolved("--dataset", "shapes_noisy", *method)
         assert (a.epochs, a.batch_size) == (b.epochs, b.batch_size)
         assert all(getattr(b, k) == v for k, v in entry.items())
-    with pytest.raises(SystemExit):  # a model without weights named would silently be random
+    with pytest.raises(data.UsageError, match="--model needs --pretrained"):  # else silently random
         coop.resolve_settings(coop.parse_args(["--model", "ViT-B-16"]))
 
 
@@ -304,6 +304,42 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     assert (a["base"], a["new"], a["test_loss"]) == (b["base"], b["new"], b["test_loss"])
 
 
+def children(pid):
+    """Process ids whose parent is `pid` (Linux's /proc, as on every machine this runs on)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_loader_workers_do_not_outlive_a_killed_run(tmp_path):
+    argv = [*fixture_run(tmp_path, "--epochs", "200", "--batch-size", "2"), "--workers", "2"]  # last wins
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("coop.py", "data.py"):
+        shutil.copy(ROOT / name, project / name)
+    code = (f"import open_clip, runpy, sys; open_clip.factory._MODEL_CONFIGS[{TINY_NAME!r}] = {TINY!r}; "
+            f"sys.path.insert(0, '.'); sys.argv = ['coop.py', *{argv!r}]; runpy.run_path('coop.py', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and len(workers) < 2 and proc.poll() is None:  # training, workers running
+        workers = children(proc.pid) if (tmp_path / "runs" / "run1" / "checkpoint.pt").exists() else []
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the run never showed its loader workers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30  # a worker checks on its parent every 5 s (torch's watchdog)
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.2)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()], "loader workers outlived their parent"
+
+
 def test_a_run_killed_during_evaluation_is_finished_by_resume(tmp_path, monkeypatch):
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
     run = tmp_path / "runs" / "run1"
@@ -320,20 +356,35 @@ def test_a_run_killed_during_evaluation_is_finished_by_resume(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs 0: must be at least 1"),
-    (["--lr", "nan"], "--lr nan: must be a finite number above 0"),
-    (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
     (["--n-ctx", "0", "--ctx-init", ""], "--n-ctx 0 with an empty --ctx-init"),
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["--shots", "-1"], "--shots -1: must be at least 1"),
-    (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--shots", "-1"], "--shots must be an integer >= 1, got -1"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
     (["--csc", "--conditional"], "--csc is CoOp's class-specific context"),
+    (["--ctx-init", "a photo of " * 20], "does not fit the text context of 24 tokens"),  # the tiny CLIP's
+    (["--ctx-init", "", "--n-ctx", "30"], "--n-ctx 30 does not fit the text context of 24 tokens"),
 ])
 def test_a_setting_that_would_give_wrong_numbers_is_refused_before_anything_is_written(tmp_path, flags, message):
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(data.UsageError) as error:
         coop.main(coop.parse_args(["--output-dir", str(tmp_path / "run"), *COMMON, *flags]))
-    assert message in str(error.value) and str(error.value).startswith("error: ")
+    assert message in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_class_name_too_long_for_the_text_context_is_named(clip):
+    with pytest.raises(data.UsageError, match=r"does not fit the text context of 77 tokens for 1 classes "
+                                              r"\(e.g. 'cat cat cat"):
+        prompted(clip, names=["ox", "cat " * 80])
+
+
+def test_the_script_prints_a_usage_error_as_one_line_and_exits_2(tmp_path):
+    command = [sys.executable, str(ROOT / "coop.py"), "--epochs", "0", "--output-dir", str(tmp_path / "r")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --epochs must be an integer >= 1, got 0"
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_or_evaluate_of_a_folder_without_a_readable_checkpoint_says_so(tmp_path):
@@ -356,8 +407,7 @@ def test_a_run_whose_data_is_missing_stops_clearly_and_writes_nothing(tmp_path):
 # ---------------------------------------------------------------------------- the captured step
 def sgd(model, device="cpu"):
     learned = [p for p in model.parameters() if p.requires_grad]
-    lr = torch.tensor(0.002, device=device, dtype=torch.float64 if device == "cpu" else torch.float32)
-    return torch.optim.SGD(learned, lr=lr, momentum=0.9, weight_decay=5e-4, fused=device == "cuda")
+    return coop.sgd(learned, argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4), torch.device(device))
 
 
 def losses_of(step, model, optimizer, batches):

@@ -100,7 +100,7 @@ def test_world_cross_targets_and_refused_protocol_settings():
     assert data.transfer_targets("shapes_noisy") == ["shapes2_noisy"]  # the same style
     assert data.transfer_targets("shapes2") == ["shapes"] and len(data.transfer_targets("imagenet")) == 10
     assert set(shapes.world_task2_classes()).isdisjoint(shapes.world_task_classes())
-    with pytest.raises(SystemExit, match="--eval-datasets"):  # no default target for caltech101
+    with pytest.raises(data.UsageError, match="--eval-datasets"):  # no default target for caltech101
         coop.resolve_settings(coop.parse_args(["--dataset", "caltech101", "--protocol", "cross"]))
-    with pytest.raises(SystemExit, match="--csc"):
+    with pytest.raises(data.UsageError, match="--csc"):
         coop.resolve_settings(coop.parse_args(["--protocol", "all", "--csc", "--eval-datasets", "shapes2"]))
