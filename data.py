@@ -889,7 +889,11 @@ def subsample_classes(items: list, classnames: list, which: str):
     if which == "all":
         return list(items), list(classnames)
     m = math.ceil(len(classnames) / 2)
-    keep = range(m) if which == "base" else range(m, len(classnames))
+    return _keep_classes(items, classnames, range(m) if which == "base" else range(m, len(classnames)))
+
+
+def _keep_classes(items: list, classnames: list, keep) -> tuple:
+    """The items whose label is in `keep` (labels, in order), relabelled from 0, and their classnames."""
     new_label = {old: new for new, old in enumerate(keep)}
     return ([Item(s, new_label[y], c) for s, y, c in items if y in new_label], [classnames[y] for y in keep])
 
@@ -927,9 +931,7 @@ def own_classes(items: list, classnames: list):
     """A shifted test set in its own label space (domain generalisation): the classes that occur in it,
     in the benchmark's label order, relabelled from 0 -> (items, their classnames). For the world and
     ImageNet-V2/-Sketch that is every class; ImageNet-A and -R hold 200 (CoCoOp Table 3)."""
-    present = sorted({label for _, label, _ in items})
-    new_label = {old: new for new, old in enumerate(present)}
-    return [Item(s, new_label[y], c) for s, y, c in items], [classnames[y] for y in present]
+    return _keep_classes(items, classnames, sorted({label for _, label, _ in items}))
 
 
 # Cross-dataset transfer (CoCoOp Table 2): from ImageNet to the other ten datasets, each in its own label
