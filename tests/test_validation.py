@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+from test_data import TEST_MODEL as MODEL, small_config  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,17 +247,8 @@ def test_atomic_save_of_an_unpicklable_object_is_a_bug_not_a_disk_error(tmp_path
 # backbones: tags and local weights files
 # ------------------------------------------------------------------------------------------------
 
-MODEL = "nanoprompt-validation-clip"
-
-
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    import open_clip
-    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16, head_width=32),
-               text_cfg=dict(context_length=20, vocab_size=49408, width=32, heads=2, layers=1))
-    path = tmp_path_factory.mktemp("configs") / f"{MODEL}.json"  # the file name is the model name
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
+def small_model(small_config):  # test_data's small CLIP config, registered with open_clip
     return MODEL
 
 
