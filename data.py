@@ -254,6 +254,7 @@ def atomic_write_text(text: str, path) -> None:
 # ==================================================================================================
 
 WORLD_PREFIX = "shapes"  # dataset names of the built-in offline world start with this
+WORLD_BIASED = "shapes_biased"  # the world's task with a spurious cue in its training split (world/biased.py)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (every paper's INPUT)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -820,6 +821,8 @@ def _read_dataset(name: str, root: Path):
 
 def load_dataset(name: str, root, download: bool = False) -> Benchmark:
     """A benchmark by name: the offline world ('shapes...') or a CoOp dataset under `root`."""
+    if name == WORLD_BIASED:  # the world's biased-data task (ProReg's benchmark), in a file of its own
+        return _world("biased").biased_benchmark(name)
     if name.startswith(WORLD_PREFIX):
         return _world("shapes").world_benchmark(name)
     if name not in DATASETS:

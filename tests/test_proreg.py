@@ -1,0 +1,426 @@
+"""proreg.py: the per-sample loss against its formula (the weight at its limits), the weight at 0 giving
+plain fine-tuning, the fused kernel against the readable form, the head starting as zero-shot CLIP, the
+teacher's cached logits, gradient accumulation and two DDP processes against one, resume after a SIGKILL,
+re-evaluation, input validation and the NaN guard; and the world's biased task (the bias is in the pixels
+of the training split and not in the off-bias test)."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import kernels
+import proreg
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_NAME = "proreg-test-tiny"  # a random-init CLIP small enough for CPU tests
+TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+COMMON = ["--workers", "0", "--device", "cpu", "--loss-impl", "torch"]
+
+
+def settings(**kw):
+    args = proreg.parse_args([])
+    for k, v in {"alpha": 2.0, "fixed_alpha": 0.5, "grad_accum": 1, **kw}.items():
+        setattr(args, k, v)
+    return args
+
+
+def random_logits(b=12, c=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, generator=g) * 3, torch.randn(b, c, generator=g) * 3,
+            torch.randint(0, c, (b,), generator=g))
+
+
+# ---------------------------------------------------------------------------- the loss
+def formula(s, t, y, alpha):
+    """ProReg's loss written out per sample in float64, from the official losses.py: xERM."""
+    rows = []
+    for i in range(len(y)):
+        q = [math.exp(v) for v in s[i].tolist()]
+        p = [math.exp(v) for v in t[i].tolist()]
+        q = [v / sum(q) for v in q]
+        p = [v / sum(p) for v in p]
+        ce_ft, ce_zs = -math.log(q[y[i]]), -math.log(p[y[i]])
+        w = math.exp(-10 * ce_zs) / (math.exp(-ce_ft) + math.exp(-10 * ce_zs) + 1e-5)
+        kl = -sum(pj * math.log(qj) for pj, qj in zip(p, q))
+        rows.append(((1 - w) * ce_ft, alpha * w * kl, w))
+    return rows
+
+
+def test_per_sample_loss_equals_the_formula_with_the_weight_at_its_limits():
+    s, t, y = random_logits()
+    t[0] = -20.0
+    t[0, y[0]] = 20.0  # the prompt prediction is sure of the true class: w -> 1 / (1 + p_ft)
+    t[1, y[1]] = -20.0  # sure it is not: w -> 0, the sample is plain fine-tuning
+    ce, kl, w = proreg.proreg_terms(s, t, y)
+    expected = formula(s, t, y, alpha=2.0)
+    got = [((1 - wi) * ci, 2.0 * wi * ki, wi) for ci, ki, wi in zip(ce.tolist(), kl.tolist(), w.tolist())]
+    assert got == [pytest.approx(e, rel=1e-5, abs=1e-6) for e in expected]
+    p_ft0 = F.softmax(s[0], -1)[y[0]].item()
+    assert w[0].item() == pytest.approx(1 / (1 + p_ft0 + 1e-5), rel=1e-6) and w[0] > 0.5
+    assert w[1].item() < 1e-30
+    assert 0 < w[2:].min() and w.max() < 1  # strictly between the limits elsewhere
+    loss = proreg.objective(s, t, y, settings(method="proreg"), use_kernel=False)
+    assert loss.item() == pytest.approx(sum(a + b for a, b, _ in expected) / len(y), rel=1e-5)
+
+
+def test_the_weight_is_detached():
+    s, t, y = random_logits()
+    s.requires_grad_(True)
+    ce, kl, w = proreg.proreg_terms(s, t, y)
+    assert not w.requires_grad
+    (((1 - w) * ce).mean() + 2.0 * (w * kl).mean()).backward()
+    expected = s.grad.clone()
+    s.grad = None
+    proreg.objective(s, t, y, settings(method="proreg"), use_kernel=False).backward()
+    torch.testing.assert_close(s.grad, expected)
+
+
+def test_with_the_weight_at_zero_proreg_is_plain_fine_tuning(monkeypatch):
+    s, t, y = random_logits()
+    grads = {}
+    for method in ("finetune", "proreg"):
+        if method == "proreg":
+            monkeypatch.setattr(proreg, "proreg_weight", lambda ce_ft, ce_zs, form: torch.zeros_like(ce_ft))
+        x = s.clone().requires_grad_(True)
+        loss = proreg.objective(x, t, y, settings(method=method), use_kernel=False)
+        loss.backward()
+        grads[method] = loss.detach(), x.grad
+    torch.testing.assert_close(grads["proreg"][0], F.cross_entropy(s, y))
+    torch.testing.assert_close(grads["proreg"], grads["finetune"])
+
+
+def test_fixed_weight_and_xerm_forms():
+    s, t, y = random_logits()
+    ce, kl, _ = proreg.proreg_terms(s, t, y)
+    fixed = proreg.objective(s, t, y, settings(method="fixed", fixed_alpha=0.3), use_kernel=False)
+    torch.testing.assert_close(fixed, 0.7 * ce.mean() + 0.3 * kl.mean())
+    w = proreg.proreg_weight(ce, F.cross_entropy(t, y, reduction="none"), "xerm")
+    torch.testing.assert_close(w, ce / (ce + F.cross_entropy(t, y, reduction="none") + 1e-5))
+
+
+@pytest.mark.skipif(not kernels.kernel_available("cpu"), reason="needs the Triton interpreter (tests/conftest.py)")
+@pytest.mark.parametrize("method", ["proreg", "fixed"])
+def test_fused_and_readable_losses_agree_in_value_and_gradient(method):
+    s, t, y = random_logits(b=10, c=9, seed=3)
+    t[0, y[0]] += 30.0  # one sample where the weight is near its top
+    out = {}
+    for use_kernel in (False, True):
+        x = s.clone().requires_grad_(True)
+        loss = proreg.objective(x, t, y, settings(method=method), use_kernel=use_kernel)
+        loss.backward()
+        out[use_kernel] = loss.detach(), x.grad
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-6)
+    assert out[True][1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- the model
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY).eval().requires_grad_(False)
+    model.positional_embedding.data.normal_(std=0.5)  # random init leaves it near 0: make it matter
+    return model
+
+
+NAMES = ["cat", "hot air balloon", "golden_retriever", "x-ray film", "ox"]
+
+
+def images(n=4, seed=2):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_head_starts_as_zero_shot_clip(clip):
+    """Step-0 logits of the student equal CLIP's own zero-shot logits (encode_text, encode_image)."""
+    text = F.normalize(clip.encode_text(open_clip.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])), dim=-1)
+    expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(images()), dim=-1) @ text.t()
+    head = proreg.prompt_features(clip, open_clip.tokenize, NAMES, "a photo of a {}.")
+    model = proreg.FineTunedCLIP(clip, head)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images()), expected, rtol=1e-5, atol=1e-5)
+    assert expected.std() > 0.1  # the classes differ: the comparison means something
+    learned = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"class_embeddings", "logit_scale", "visual.conv1.weight"} <= learned
+    assert not any(n.startswith("transformer.") for n in learned)  # the text tower is not part of the student
+    clip.visual.requires_grad_(False)
+
+
+def test_weight_decay_spares_biases_and_norms_and_the_head_gets_100x(clip):
+    model = proreg.FineTunedCLIP(clip, torch.randn(5, 32))
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = proreg.adamw(model, settings(lr=1e-5, head_lr_mult=100.0, weight_decay=0.01), torch.device("cpu"))
+    seen = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[names[id(p)]] = (group["base_lr"], group["weight_decay"])
+    assert seen["class_embeddings"] == (1e-3, 0.01) and seen["logit_scale"] == (1e-3, 0.01)
+    assert seen["visual.conv1.weight"] == (1e-5, 0.01) and seen["visual.proj"] == (1e-5, 0.01)
+    assert seen["visual.ln_pre.weight"] == (1e-5, 0.0) and seen["visual.transformer.resblocks.0.ln_1.weight"] == (1e-5, 0.0)
+    assert seen["visual.transformer.resblocks.0.attn.in_proj_bias"] == (1e-5, 0.0)
+    assert len(seen) == len(names)
+    clip.visual.requires_grad_(False)
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    lrs = [proreg.lr_factor(s, 100, 0.1) for s in range(101)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == 1.0
+    assert lrs[55] == pytest.approx(0.5) and lrs[100] == 0.0
+
+
+def test_global_batches_split_evenly_over_processes():
+    one = proreg.epoch_batches(22, 8, seed=1, epoch=3)
+    two = [proreg.epoch_batches(22, 8, seed=1, epoch=3, rank=r, world_size=2) for r in (0, 1)]
+    assert len(one) == 2 and all(len(b) == 8 for b in one)  # the last incomplete batch is dropped
+    assert [a + b for a, b in zip(*two)] == one
+    assert proreg.epoch_batches(22, 8, seed=1, epoch=4) != one  # a new order every epoch
+
+
+# ---------------------------------------------------------------------------- runs on a fixture
+def caltech_fixture(root: Path, n_classes=4, per_class=10):
+    gen = torch.Generator().manual_seed(0)
+    for c in ["BACKGROUND_Google", "Faces", "accordion", "airplanes", "anchor"][:n_classes + 1]:
+        folder = root / "caltech-101" / "101_ObjectCategories" / c
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 44, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"image_{i + 1:04d}.jpg")
+
+
+def fixture_run(tmp_path, *extra, name="run1"):
+    if not (tmp_path / "data").exists():
+        caltech_fixture(tmp_path / "data")
+    return ["--dataset", "caltech101", "--model", TINY_NAME, "--pretrained", "none", "--root", str(tmp_path / "data"),
+            "--output-dir", str(tmp_path / "runs" / name), "--batch-size", "4", *COMMON, *extra]
+
+
+def learned(run):
+    return torch.load(Path(run) / "checkpoint.pt", weights_only=True)["learned"]
+
+
+def project(tmp_path):
+    """proreg.py and data.py copied into an empty folder (as a user runs them), with a launcher that
+    registers the test model with open_clip first."""
+    folder = tmp_path / "project"
+    if not folder.exists():
+        folder.mkdir()
+        for name in ("proreg.py", "data.py"):
+            shutil.copy(ROOT / name, folder / name)
+        (folder / "launch.py").write_text(
+            f"import open_clip, runpy, sys\nopen_clip.factory._MODEL_CONFIGS[{TINY_NAME!r}] = {TINY!r}\n"
+            "sys.path.insert(0, '.')\nsys.argv = ['proreg.py', *sys.argv[1:]]\n"
+            "runpy.run_path('proreg.py', run_name='__main__')\n")
+    return folder
+
+
+def launch(tmp_path, *argv, processes=0, wait=True):
+    """Run the script in a subprocess; processes=N starts N ranks as torchrun would (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT in the environment; torchrun's own agent takes minutes to start on some
+    sandboxed machines, so the ranks are started directly)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")},
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "launch.py", *argv]
+    if not wait:
+        return subprocess.Popen(command, cwd=project(tmp_path), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+    if not processes:
+        proc = subprocess.run(command, cwd=project(tmp_path), capture_output=True, text=True, timeout=180, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+    port = str(29500 + os.getpid() % 1000)
+    ranks = [subprocess.Popen(command, cwd=project(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(processes),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(processes)]
+    outputs = [rank.communicate(timeout=180) for rank in ranks]
+    for rank, (stdout, stderr) in zip(ranks, outputs):
+        assert rank.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return outputs[0][0]
+
+
+def test_run_records_every_method_and_evaluate_reproduces_it(tmp_path, monkeypatch):
+    """In process: a fine-tuning run on random JPEGs (RandAugment, the frozen-copy teacher), then
+    --evaluate RUN_DIR gives the same numbers; a finished run is never overwritten."""
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    run = tmp_path / "runs" / "run1"
+    record = proreg.main(proreg.parse_args(fixture_run(tmp_path, "--epochs", "2")))
+    results = json.loads((run / "results.json").read_text())
+    assert results["method"] == "proreg" and results["epoch"] == 2 and results["all"] == record["all"]
+    assert set(results["zero_shot"]) == set(results["ensemble"]) == {"all", "hm"}
+    assert results["peak_memory_mb"] > 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["learned"]) >= {"class_embeddings", "logit_scale", "visual.conv1.weight"}
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+        proreg.main(proreg.parse_args(fixture_run(tmp_path, "--epochs", "2")))
+    again = proreg.main(proreg.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
+    assert json.loads((run / "eval.json").read_text())["all"] == again["all"]
+    for key in ("all", "zero_shot", "ensemble"):
+        assert again[key] == results[key], key
+    assert again["test_loss"]["all"] == pytest.approx(results["test_loss"]["all"], rel=1e-6)
+    assert len((run.parent / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_base2new_scores_new_classes_with_their_prompt_features(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    record = proreg.main(proreg.parse_args(fixture_run(tmp_path, "--epochs", "1", "--protocol", "base2new",
+                                                       "--method", "finetune")))
+    assert record["classes"] == {"base": 2, "new": 2} and record["hm"] is not None
+    assert learned(tmp_path / "runs" / "run1")["class_embeddings"].shape == (2, 32)  # a head for base only
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real training process after a few epochs, --resume it, and get bit for bit the learned
+    tensors and numbers of a run that was never interrupted (CPU, RandAugment on)."""
+    epochs = ["--epochs", "30"]
+    whole, killed = tmp_path / "runs" / "whole", tmp_path / "runs" / "killed"
+    launch(tmp_path, *fixture_run(tmp_path, *epochs, name="whole"))
+    proc = launch(tmp_path, *fixture_run(tmp_path, *epochs, name="killed"), wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a few completed epochs, then kill without warning
+        try:
+            if torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] >= 3:
+                break
+        except Exception:  # not written yet
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 3 <= stopped_at < 30 and not (killed / "results.json").exists()
+    stdout = launch(tmp_path, "--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON)
+    assert f"resuming after epoch {stopped_at}" in stdout
+    for name, tensor in learned(whole).items():
+        assert torch.equal(tensor, learned(killed)[name]), name
+    a, b = (json.loads((r / "results.json").read_text()) for r in (whole, killed))
+    assert (a["all"], a["test_loss"], a["ensemble"]) == (b["all"], b["test_loss"], b["ensemble"])
+
+
+def key_bias(name):
+    """The key part of attention's in_proj_bias: it adds the same number to every logit of a softmax row,
+    so its gradient is 0 in exact arithmetic and Adam turns the rounding noise into full-size steps."""
+    return name.endswith("attn.in_proj_bias")
+
+
+def assert_same_learning(a, b, start, what):
+    for key, tensor in a.items():
+        if key_bias(key):
+            d = tensor.shape[0] // 3
+            tensor, other = torch.cat([tensor[:d], tensor[2 * d:]]), torch.cat([b[key][:d], b[key][2 * d:]])
+        else:
+            other = b[key]
+        torch.testing.assert_close(other, tensor, rtol=1e-4, atol=1e-6, msg=f"{what}: {key}")
+    moved = [k for k in a if not torch.allclose(a[k], start[k], atol=1e-4)]
+    assert "visual.conv1.weight" in moved and "class_embeddings" in moved  # the weights did move
+
+
+def test_two_ddp_processes_and_accumulation_learn_what_one_process_learns(tmp_path, monkeypatch):
+    """2 CPU processes (gloo, as torchrun starts them), global batch 4 = 2 x 2, against one process with batch 4 (both in
+    subprocesses) and one process in 2 accumulation steps: the same weights after 5 steps, to rounding."""
+    lr = ["--epochs", "1", "--lr", "1e-3"]
+    launch(tmp_path, *fixture_run(tmp_path, *lr, name="one"))
+    launch(tmp_path, *fixture_run(tmp_path, *lr, name="ddp"), processes=2)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    proreg.main(proreg.parse_args(fixture_run(tmp_path, *lr, "--grad-accum", "2", name="accum")))
+    torch.manual_seed(1)  # main seeds torch with --seed before building the random-init backbone
+    clip = data.load_backbone(TINY_NAME, None).model
+    names = ["face", "accordion", "airplane", "anchor"]
+    start = {"class_embeddings": proreg.prompt_features(clip, open_clip.tokenize, names, data.CUSTOM_TEMPLATES["caltech101"]),
+             **{f"visual.{k}": v for k, v in clip.visual.state_dict().items()}, "logit_scale": clip.logit_scale}
+    one = learned(tmp_path / "runs" / "one")
+    for name in ("ddp", "accum"):
+        other = learned(tmp_path / "runs" / name)
+        assert set(other) == set(one)
+        assert_same_learning(one, other, start, name)
+    assert json.loads((tmp_path / "runs" / "ddp" / "results.json").read_text())["processes"] == 2
+
+
+def test_zeroshot_method_equals_the_zero_shot_row(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    record = proreg.main(proreg.parse_args(fixture_run(tmp_path, "--method", "zeroshot")))
+    assert record["epoch"] == 0 and record["all"] == record["zero_shot"]["all"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--alpha", "-1"], "--alpha must be a finite number >= 0, got -1.0"),
+    (["--warmup", "1"], "--warmup must be a finite number"),
+    (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 does not split into 1 processes x --grad-accum 4"),
+    (["--weight", "xerm", "--loss-impl", "kernel"], "--loss-impl kernel computes the official weight only"),
+])
+def test_a_setting_that_would_give_wrong_numbers_is_refused_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(data.UsageError) as error:
+        proreg.main(proreg.parse_args(["--output-dir", str(tmp_path / "run"), *COMMON, *flags]))
+    assert message in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_script_prints_a_usage_error_as_one_line_and_exits_2(tmp_path):
+    command = [sys.executable, str(ROOT / "proreg.py"), "--alpha", "inf", "--output-dir", str(tmp_path / "r")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --alpha must be a finite number >= 0, got inf"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_with_epoch_and_step_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    real, calls = proreg.objective, []
+
+    def diverging(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 7 else loss
+    monkeypatch.setattr(proreg, "objective", diverging)
+    with pytest.raises(SystemExit, match=r"the loss became nan at epoch 2, step 2; nothing was recorded"):
+        proreg.main(proreg.parse_args(fixture_run(tmp_path, "--epochs", "3")))  # 5 steps an epoch
+    run = tmp_path / "runs" / "run1"
+    assert not (run / "results.json").exists() and not (run.parent / "results.jsonl").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good epoch stays
+
+
+# ---------------------------------------------------------------------------- the world's biased task
+@pytest.fixture(scope="module")
+def biased():
+    from world import biased as module
+    return module, data.load_dataset("shapes_biased", ".")
+
+
+def test_the_biased_task_is_biased_where_it_claims_and_nowhere_else(biased):
+    module, bench = biased
+    n_classes = len(bench.classnames)
+    on_cue = {split: (bench.cues[split] == torch.tensor([it.label for it in items])).float().mean().item()
+              for split, items in [("train", bench.train), ("test", bench.test), ("offbias", bench.shifts["offbias"])]}
+    assert on_cue["train"] == pytest.approx(module.BIAS_ON_CUE, abs=0.03)
+    assert on_cue["test"] == pytest.approx(module.BIAS_ON_CUE, abs=0.03)
+    assert on_cue["offbias"] == pytest.approx(1 / n_classes, abs=0.04)
+    assert set(bench.shifts) == {"offbias", *(s for s in module.WORLD_STYLES if s != module.BIAS_STYLE)}
+
+
+def test_the_cue_is_in_the_pixels(biased):
+    """A nearest-centroid classifier on the mean colour of each image's border (the background) learns
+    the label from the training split, and is at chance on the off-bias test: the bias is real."""
+    _, bench = biased
+
+    def border_colour(items):
+        x = torch.stack([torch.from_numpy(__import__("numpy").asarray(bench.open_image(it.source))) for it in items])
+        x = x.float().permute(0, 3, 1, 2) / 255  # [N, 3, H, W]
+        ring = torch.ones(x.shape[-2:], dtype=torch.bool)
+        ring[2:-2, 2:-2] = False
+        return x[:, :, ring].mean(-1), torch.tensor([it.label for it in items])
+
+    x, y = border_colour(bench.train)
+    centroids = torch.stack([x[y == c].mean(0) for c in range(len(bench.classnames))])
+    accuracy = lambda f, labels: (torch.cdist(f, centroids).argmin(1) == labels).float().mean().item()  # noqa: E731
+    assert accuracy(x, y) > 0.7
+    assert accuracy(*border_colour(bench.shifts["offbias"])) < 0.3
