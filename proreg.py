@@ -349,11 +349,13 @@ def objective(logits, zs_logits, labels, args, use_kernel):
     if args.method == "fixed":  # (1 - a) CE + a KL, one global a (official knowledge_distill)
         if use_kernel:
             return kernels.fused_kl_ce(logits, zs_logits, labels, ce_weight=1 - args.fixed_alpha,
-                                       kl_weight=args.fixed_alpha, kl_form="soft_ce")
+                                       kl_weight=args.fixed_alpha, kl_form="soft_ce", check_labels=False)
         ce, kl, _ = proreg_terms(logits, zs_logits, labels)
         return (1 - args.fixed_alpha) * ce.mean() + args.fixed_alpha * kl.mean()
     if use_kernel:  # ProReg, fused: one pass over the logits, the gradient written in the forward pass
-        return kernels.proreg_loss(logits, zs_logits, labels, alpha=args.alpha, kl_form="soft_ce")
+        # check_labels=False: the labels are the dataset's own, and the check would wait for the device
+        # (not allowed inside a CUDA graph)
+        return kernels.proreg_loss(logits, zs_logits, labels, alpha=args.alpha, kl_form="soft_ce", check_labels=False)
     ce, kl, w = proreg_terms(logits, zs_logits, labels, args.weight)
     return ((1 - w) * ce).mean() + args.alpha * (w * kl).mean()  # CE, prompt regularisation
 

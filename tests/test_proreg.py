@@ -415,7 +415,7 @@ def test_the_cue_is_in_the_pixels(biased):
     _, bench = biased
 
     def fill_colour(items):
-        x = torch.stack([torch.from_numpy(np.asarray(bench.open_image(it.source))) for it in items])
+        x = torch.stack([torch.from_numpy(np.array(bench.open_image(it.source))) for it in items])
         x = x.float().reshape(len(items), -1, 3) / 255  # [N, H*W, 3]
         brightest = x.max(-1).values.argmax(-1)  # [N]
         return x[torch.arange(len(items)), brightest], torch.tensor([it.label for it in items])
