@@ -57,7 +57,8 @@ Differs from the official code (BeierZhu/ProReg, a ViLT/Lightning scaffold aroun
 - the last epoch is evaluated (the official code keeps the best validation checkpoint, every half epoch).
 - alpha per dataset: the official configs cover DomainNet, PACS, NICO, BAR (2, 2, 2 / 1.5, 1); the
   CoOp datasets have none, so they take 2, the value of most of them (DATASET_SETTINGS).
-- the offline world: batch 32 instead of 256 (576 training images: 256 would give 20 steps in all).
+- the offline world: batch 32 instead of 256 (576 training images: 256 would give 20 steps in all); its
+  tiny CLIP's pretraining patch dropout is switched off for fine-tuning (OpenAI CLIP has none).
 """
 import argparse
 import contextlib
@@ -273,6 +274,10 @@ class FineTunedCLIP(nn.Module):
 
     def __init__(self, clip, class_embeddings):
         super().__init__()
+        if not isinstance(getattr(clip.visual, "patch_dropout", nn.Identity()), nn.Identity):
+            # a pretraining device (the world's tiny CLIP has patch dropout 0.5 in its config; OpenAI CLIP none),
+            # active in train mode only: fine-tuning sees every patch, as the frozen teacher does
+            clip.visual.patch_dropout = nn.Identity()
         self.visual = clip.visual.requires_grad_(True)  # the same module: no copy of the weights
         self.class_embeddings = nn.Parameter(class_embeddings.clone())  # [C, D]
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone())  # log 100 for OpenAI CLIP

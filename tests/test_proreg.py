@@ -159,6 +159,19 @@ def test_the_head_starts_as_zero_shot_clip(clip):
     clip.visual.requires_grad_(False)
 
 
+def test_pretraining_patch_dropout_is_off_in_fine_tuning():
+    """World v2's tiny CLIP carries patch dropout 0.5 in its config (train mode only): the student must see
+    every patch in training, as the teacher does, so its train-mode logits equal its eval-mode ones."""
+    torch.manual_seed(0)
+    cfg = dict(TINY, vision_cfg=dict(TINY["vision_cfg"], patch_dropout=0.5))
+    clip = open_clip.model.CLIP(**cfg).eval()
+    assert not isinstance(clip.visual.patch_dropout, torch.nn.Identity)
+    model = proreg.FineTunedCLIP(clip, torch.randn(5, 32))
+    with torch.no_grad():
+        evaluated = model.eval()(images())
+        torch.testing.assert_close(model.train()(images()), evaluated)
+
+
 def test_weight_decay_spares_biases_and_norms_and_the_head_gets_100x(clip):
     model = proreg.FineTunedCLIP(clip, torch.randn(5, 32))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -325,21 +338,23 @@ def assert_same_learning(a, b, start, what):
     assert "visual.conv1.weight" in moved and "class_embeddings" in moved  # the weights did move
 
 
-def test_two_ddp_processes_and_accumulation_learn_what_one_process_learns(tmp_path, monkeypatch):
-    """2 CPU processes (gloo, as torchrun starts them), global batch 4 = 2 x 2, against one process with batch 4 (both in
-    subprocesses) and one process in 2 accumulation steps: the same weights after 5 steps, to rounding."""
+def test_ddp_accumulation_and_checkpointing_learn_what_one_process_learns(tmp_path, monkeypatch):
+    """2 CPU processes (gloo, as torchrun starts them), global batch 4 = 2 x 2, against one process with batch 4 (both
+    in subprocesses), one process in 2 accumulation steps, and one with activation checkpointing: the same
+    weights after 5 steps, to rounding."""
     lr = ["--epochs", "1", "--lr", "1e-3"]
     launch(tmp_path, *fixture_run(tmp_path, *lr, name="one"))
     launch(tmp_path, *fixture_run(tmp_path, *lr, name="ddp"), processes=2)
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
     proreg.main(proreg.parse_args(fixture_run(tmp_path, *lr, "--grad-accum", "2", name="accum")))
+    proreg.main(proreg.parse_args(fixture_run(tmp_path, *lr, "--checkpointing", name="checkpointing")))
     torch.manual_seed(1)  # main seeds torch with --seed before building the random-init backbone
     clip = data.load_backbone(TINY_NAME, None).model
     names = ["face", "accordion", "airplane", "anchor"]
     start = {"class_embeddings": proreg.prompt_features(clip, open_clip.tokenize, names, data.CUSTOM_TEMPLATES["caltech101"]),
              **{f"visual.{k}": v for k, v in clip.visual.state_dict().items()}, "logit_scale": clip.logit_scale}
     one = learned(tmp_path / "runs" / "one")
-    for name in ("ddp", "accum"):
+    for name in ("ddp", "accum", "checkpointing"):
         other = learned(tmp_path / "runs" / name)
         assert set(other) == set(one)
         assert_same_learning(one, other, start, name)
