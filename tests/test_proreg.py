@@ -250,14 +250,14 @@ def launch(tmp_path, *argv, processes=0, wait=True):
         return subprocess.Popen(command, cwd=project(tmp_path), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env)
     if not processes:
-        proc = subprocess.run(command, cwd=project(tmp_path), capture_output=True, text=True, timeout=180, env=env)
+        proc = subprocess.run(command, cwd=project(tmp_path), capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
     port = str(29500 + os.getpid() % 1000)
     ranks = [subprocess.Popen(command, cwd=project(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(processes),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(processes)]
-    outputs = [rank.communicate(timeout=180) for rank in ranks]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
     for rank, (stdout, stderr) in zip(ranks, outputs):
         assert rank.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return outputs[0][0]
