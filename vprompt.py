@@ -272,9 +272,9 @@ class PromptLearner(nn.Module):
         self.truncate = not getattr(args, "no_truncate", False)
         device = clip.token_embedding.weight.device
         ctx_dim = clip.ln_final.weight.shape[0]  # text width d (512 for ViT-B/16)
-        context_length = tokenize(["x"]).shape[1]  # L: 77 for OpenAI CLIP
+        context_length = tokenize(["x"]).shape[1]  # 77 for OpenAI CLIP (not the L of the samples)
         if args.ctx_init:
-            ids = tokenize([args.ctx_init]).to(device)  # [1, L]; cut to L by the tokenizer
+            ids = tokenize([args.ctx_init]).to(device)  # [1, 77]; cut to the context length by the tokenizer
             self.n_ctx = int(ids.argmax(-1)) - 1  # BPE tokens between SOS and EOT: "a photo of a" -> 4
             data.require(self.n_ctx + 2 < context_length, f"--ctx-init {args.ctx_init!r} does not fit the text "
                          f"context of {context_length} tokens with a class name: use fewer words")
@@ -303,7 +303,7 @@ class PromptLearner(nn.Module):
         """Build the frozen parts of the prompts for these class names (base for training, new for testing)."""
         names = [c.replace("_", " ") for c in classnames]
         device = self.token_embedding.weight.device
-        ids = self.tokenize([f"{self.prefix_words} {name}." for name in names]).to(device)  # [C, L]
+        ids = self.tokenize([f"{self.prefix_words} {name}." for name in names]).to(device)  # [C, 77]
         eot = ids.argmax(-1)  # [C]: EOT has the largest token id
         too_long = [name for name, e in zip(names, eot.tolist()) if e >= ids.shape[1] - 1]  # cut by the tokenizer
         data.require(not too_long, f"the prompt '{self.prefix_words} <class>.' does not fit the text context "
