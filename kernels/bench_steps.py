@@ -3,6 +3,7 @@
     python3 kernels/bench.py steps                           # CoOp b32 + CoCoOp b1, ViT-B-16, 50 classes
     python3 kernels/bench.py steps --method coop --model tiny --pretrained shapes --classes world
     python3 kernels/bench.py steps --caltech-layout ~/timing  # write a Caltech101-layout folder (timing)
+    python3 kernels/bench.py steps --method vprompt,vprompt-conditional   # vprompt.py's steps beside coop.py's
 
 Variants, all on the same batch and the same starting prompts:
   official  the official compute pattern: the whole model in fp16 (prompts too), the text encoder
@@ -14,7 +15,9 @@ Variants, all on the same batch and the same starting prompts:
 Also, on CUDA: the summed GPU kernel time of one step (torch.profiler) and the kernel count, and the
 losses of 20 eager and 20 captured steps from the same start on 20 different batches (they must
 agree to bf16 rounding). Step times are medians over repeats; ratios are against `official` (CUDA)
-or `full` (CPU) measured in the same run."""
+or `full` (CPU) measured in the same run. vprompt.py's steps (standard and conditional, L samples of
+the prompts per step) have no `official` variant here; beside them, coop.py's eager step of the method
+they build on (CoOp, CoCoOp) at the same batch size, in the same run, and the ratio of the two."""
 from __future__ import annotations
 
 import argparse
@@ -48,7 +51,8 @@ CALTECH101_RENAMES = {"Faces": "face", "Leopards": "leopard", "Motorbikes": "mot
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="coop,cocoop", help="comma-separated: coop (batch 32), cocoop (batch 1)")
+    p.add_argument("--method", default="coop,cocoop", help="comma-separated: coop (batch 32), cocoop (batch 1), "
+                   "vprompt, vprompt-conditional (batch 1)")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model (weights do not change the timing)")
     p.add_argument("--pretrained", default="none", help="open_clip tag, or 'none' for random weights")
     p.add_argument("--classes", default="caltech101", choices=["caltech101", "world"],
@@ -56,6 +60,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's paper batch")
     p.add_argument("--ctx-init", default="a photo of a", help="as in coop.py ('' with --n-ctx for random)")
     p.add_argument("--n-ctx", type=int, default=4, help="as in coop.py")
+    p.add_argument("--samples", type=int, default=10, help="vprompt: L, the samples per step (released config: 10)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats per variant (median reported)")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -72,14 +77,26 @@ def class_names(which):
     return [CALTECH101_RENAMES.get(f, f) for f in CALTECH101_FOLDERS[:50]]
 
 
-def build(coop, backbone, names, method, args, device, truncate=True):
+PAPER_BATCH = {"coop": 32, "cocoop": 1, "vprompt": 1, "vprompt-conditional": 1}
+BUILDS_ON = {"vprompt": "coop", "vprompt-conditional": "cocoop"}  # the coop.py step a vprompt.py step is set against
+
+
+def method_file(method):
+    """The method file that holds `method`'s model and train_step."""
+    import coop
+    import vprompt
+    return vprompt if method.startswith("vprompt") else coop
+
+
+def build(module, backbone, names, method, args, device, truncate=True):
     settings = argparse.Namespace(ctx_init=args.ctx_init, n_ctx=args.n_ctx, csc=False, class_token_position="end",
-                                  conditional=method == "cocoop", no_truncate=not truncate)
+                                  conditional=method in ("cocoop", "vprompt-conditional"), no_truncate=not truncate,
+                                  samples=args.samples)
     torch.manual_seed(0)
-    model = coop.PromptedCLIP(backbone.model, backbone.tokenize, names, settings).to(device)
+    model = module.PromptedCLIP(backbone.model, backbone.tokenize, names, settings).to(device)
     learned = [p for p in model.parameters() if p.requires_grad]
     paper = argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4)
-    return model, coop.sgd(learned, paper, device)
+    return model, module.sgd(learned, paper, device)
 
 
 def official_step(model, optimizer, x, y):
@@ -128,8 +145,9 @@ def kernel_time(step, batch, device):
     return total_us / 5 / 1e6, len(kernels) / 5
 
 
-def bench_method(coop, backbone, names, method, args, device):
-    batch_size = args.batch_size or {"coop": 32, "cocoop": 1}[method]
+def bench_method(backbone, names, method, args, device):
+    module = method_file(method)  # the file whose model and train_step are timed (coop.py or vprompt.py)
+    batch_size = args.batch_size or PAPER_BATCH[method]
     size = backbone.image_size
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, 3, size, size, generator=gen).to(device),
@@ -137,32 +155,38 @@ def bench_method(coop, backbone, names, method, args, device):
     rows = {}
 
     def run(model, optimizer):
-        return lambda x, y: coop.train_step(model, optimizer, x, y)
+        return lambda x, y: module.train_step(model, optimizer, x, y)
 
-    model, optimizer = build(coop, backbone, names, method, args, device, truncate=False)
+    model, optimizer = build(module, backbone, names, method, args, device, truncate=False)
     rows["full"] = time_steps(run(model, optimizer), batches[0], device, args.steps, args.repeats)
-    model, optimizer = build(coop, backbone, names, method, args, device)
+    model, optimizer = build(module, backbone, names, method, args, device)
     rows["eager"] = time_steps(run(model, optimizer), batches[0], device, args.steps, args.repeats)
     longest = int(model.prompt_learner.eot.max()) + 1
     out = {"method": method, "batch": batch_size, "classes": len(names), "longest": longest,
            "context": backbone.model.positional_embedding.shape[0]}
+    if method in BUILDS_ON:  # coop.py's step of the method this one builds on, same batch, same run
+        base = method_file(BUILDS_ON[method])
+        model_b, optimizer_b = build(base, backbone, names, BUILDS_ON[method], args, device)
+        out["builds_on"] = BUILDS_ON[method], time_steps(lambda x, y: base.train_step(model_b, optimizer_b, x, y),
+                                                         batches[0], device, args.steps, args.repeats)
     if device.type == "cuda":
         out["kernel_s"], out["kernels"] = kernel_time(run(model, optimizer), batches[0], device)
-        model, optimizer = build(coop, backbone, names, method, args, device)
-        captured = coop.CapturedStep(coop.train_step, model, optimizer)
+        model, optimizer = build(module, backbone, names, method, args, device)
+        captured = module.CapturedStep(module.train_step, model, optimizer)
         rows["captured"] = time_steps(captured, batches[0], device, args.steps, args.repeats)
         out["captured_kernel_s"], _ = kernel_time(captured, batches[0], device)
+    if device.type == "cuda" and method not in BUILDS_ON:  # vprompt's draws differ between the two (warm-up)
         # the same 20 steps, eager and captured, from the same start
         losses = {}
         for name in ("eager", "captured"):
-            model, optimizer = build(coop, backbone, names, method, args, device)
-            step = run(model, optimizer) if name == "eager" else coop.CapturedStep(coop.train_step, model, optimizer)
+            model, optimizer = build(module, backbone, names, method, args, device)
+            step = run(model, optimizer) if name == "eager" else module.CapturedStep(module.train_step, model, optimizer)
             losses[name] = torch.stack([step(x, y)[0] for x, y in batches]).float().cpu()
         out["loss_max_diff"] = float((losses["eager"] - losses["captured"]).abs().max())
         out["losses"] = losses["eager"].tolist(), losses["captured"].tolist()
         # the official pattern: a separate fp16 copy of CLIP (prompts in fp16 too), all 77 positions
         fp16 = data.Backbone(**{**backbone.__dict__, "model": copy.deepcopy(backbone.model).half()})
-        model, optimizer = build(coop, fp16, names, method, args, device, truncate=False)
+        model, optimizer = build(module, fp16, names, method, args, device, truncate=False)
         model.half()
         rows["official"] = time_steps(lambda x, y: official_step(model, optimizer, x, y), batches[0], device,
                                       args.steps, args.repeats)
@@ -177,20 +201,26 @@ def print_table(results, device):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     baseline = "official" if device.type == "cuda" else "full"
     print(f"\ndevice: {name}, torch {torch.__version__}; median ms per training step, ratio = {baseline} / variant")
-    head = f"{'method':>7} {'batch':>5} {'cls':>4} {'tok':>4} | " + " | ".join(
+    head = f"{'method':>19} {'batch':>5} {'cls':>4} {'tok':>4} | " + " | ".join(
         f"{v:>17}" for v in ("official", "full", "eager", "captured"))
-    print(head + " | kernel ms (count)")
+    print(head + " | kernel ms (count); vprompt: coop.py's eager step it builds on, and eager vprompt / coop")
     for r in results:
         base = r["times"].get(baseline)
         cells = []
         for v in ("official", "full", "eager", "captured"):
             t = r["times"].get(v)
-            cells.append(f"{1e3 * t:8.2f} ({base / t:5.2f}x)" if t else f"{'-':>17}")
-        kernel = (f" | eager {1e3 * r['kernel_s']:.2f} ({r['kernels']:.0f}), captured {1e3 * r['captured_kernel_s']:.2f},"
-                  f" official {1e3 * r['official_kernel_s']:.2f} ({r['official_kernels']:.0f});"
-                  f" captured/kernel {r['times']['captured'] / r['kernel_s']:.2f}x;"
-                  f" 20-step loss max |eager - captured| {r['loss_max_diff']:.2e}" if "kernel_s" in r else "")
-        print(f"{r['method']:>7} {r['batch']:>5} {r['classes']:>4} {r['longest']:>4} | " + " | ".join(cells) + kernel)
+            cells.append(f"{'-':>17}" if not t else f"{1e3 * t:8.2f} ({base / t:5.2f}x)" if base else f"{1e3 * t:17.2f}")
+        kernel = ""
+        if "kernel_s" in r:
+            kernel = (f" | eager {1e3 * r['kernel_s']:.2f} ({r['kernels']:.0f}), captured {1e3 * r['captured_kernel_s']:.2f};"
+                      f" captured/kernel {r['times']['captured'] / r['kernel_s']:.2f}x")
+        if "official_kernel_s" in r:
+            kernel += (f"; official {1e3 * r['official_kernel_s']:.2f} ({r['official_kernels']:.0f});"
+                       f" 20-step loss max |eager - captured| {r['loss_max_diff']:.2e}")
+        if "builds_on" in r:
+            other, t = r["builds_on"]
+            kernel += f" | {other} eager {1e3 * t:.2f} ms, vprompt / {other} {r['times']['eager'] / t:.2f}x"
+        print(f"{r['method']:>19} {r['batch']:>5} {r['classes']:>4} {r['longest']:>4} | " + " | ".join(cells) + kernel)
 
 
 def write_caltech_layout(root):
@@ -211,10 +241,9 @@ def main(argv):
     args = parse_args(argv)
     if args.caltech_layout:
         return write_caltech_layout(args.caltech_layout)
-    import coop
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = data.load_backbone(args.model, None if args.pretrained == "none" else args.pretrained, device)
     names = class_names(args.classes)
-    results = [bench_method(coop, backbone, names, m, args, device) for m in args.method.split(",")]
+    results = [bench_method(backbone, names, m, args, device) for m in args.method.split(",")]
     print_table(results, device)
     return results

@@ -20,3 +20,13 @@ def test_caltech_names_are_the_50_base_classes_in_coop_order():
     names = bench_steps.class_names("caltech101")
     assert len(names) == 50 and names[:4] == ["face", "leopard", "motorbike", "accordion"]
     assert names[-1] == "helicopter" and len(bench_steps.CALTECH101_FOLDERS) == 100
+
+
+def test_step_benchmark_times_vprompt_beside_the_coop_step_it_builds_on(capsys):
+    results = bench_steps.main(["--model", "tiny", "--pretrained", "shapes", "--classes", "world", "--steps", "1",
+                                "--repeats", "1", "--device", "cpu", "--samples", "2",
+                                "--method", "vprompt,vprompt-conditional"])
+    assert [r["method"] for r in results] == ["vprompt", "vprompt-conditional"]
+    assert [r["builds_on"][0] for r in results] == ["coop", "cocoop"] and all(r["batch"] == 1 for r in results)
+    assert all(r["builds_on"][1] > 0 and set(r["times"]) == {"full", "eager"} for r in results)
+    assert "vprompt / cocoop" in capsys.readouterr().out

@@ -1,0 +1,318 @@
+"""vprompt.py: at zero variance it is CoOp (standard) and CoCoOp (conditional), logit for logit; the
+KL term is the Gaussian closed form; the prediction is the log of the Monte Carlo-averaged probability;
+per-image prompts at any batch size; seeded sampling (reproducible per seed, across a SIGKILL and
+--resume, and by --evaluate, at any test batch size); end-to-end runs on the tiny Caltech101 fixture."""
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coop
+import data
+import vprompt
+from test_coop import COMMON, NAMES, TINY, TINY_NAME, caltech_fixture, clip, images, settings  # noqa: F401 (a fixture)
+
+OFF = -1e4  # a log-variance whose standard deviation exp(OFF / 2) is exactly 0 in fp32
+
+
+def model_of(clip, names=NAMES, samples=4, **kw):
+    torch.manual_seed(1)
+    return vprompt.PromptedCLIP(clip, open_clip.tokenize, names, settings(samples=samples, **kw))
+
+
+def coop_of(clip, names=NAMES, **kw):
+    torch.manual_seed(1)
+    return coop.PromptedCLIP(clip, open_clip.tokenize, names, settings(**kw))
+
+
+def zero_variance(model, mean=None):
+    """Posterior N(mean, 0) (mean 0 unless given): every sample of the residual is the mean."""
+    learner = model.prompt_learner
+    with torch.no_grad():
+        if learner.meta_net is None:
+            learner.posterior_logvar.fill_(OFF)
+            learner.posterior_mean.copy_(torch.zeros_like(learner.posterior_mean) if mean is None else mean)
+        else:
+            last = learner.meta_net["logvar"][-1]
+            last.weight.zero_(), last.bias.fill_(OFF)
+            if mean is None:
+                learner.meta_net["mean"][-1].weight.zero_(), learner.meta_net["mean"][-1].bias.zero_()
+    return model
+
+
+def features(n=3, seed=2):
+    return F.normalize(torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+# ---------------------------------------------------------------------------- the model against CoOp / CoCoOp
+def test_standard_at_zero_variance_and_residual_gives_coops_logits(clip):
+    model, plain = zero_variance(model_of(clip)), coop_of(clip)
+    torch.testing.assert_close(model.prompt_learner.ctx, plain.prompt_learner.ctx)  # the same words
+    logits, kl = model.sample_logits(images())  # [B, L, C]
+    assert logits.shape == (3, 4, 5)
+    expected = plain(images())  # [B, C]
+    assert expected.std() > 0.1  # the classes differ: the comparison means something
+    for sample in range(4):
+        torch.testing.assert_close(logits[:, sample], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(images()), expected.log_softmax(-1), rtol=1e-5, atol=1e-5)
+    # a posterior mean mu at zero variance: CoOp with the context V + mu
+    mu = 0.05 * torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    zero_variance(model, mean=mu)
+    with torch.no_grad():
+        plain.prompt_learner.ctx.add_(mu)
+    torch.testing.assert_close(model.sample_logits(images())[0][:, 2], plain(images()), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain(images()), expected, atol=1e-3)  # mu changed the logits
+
+
+def test_conditional_at_zero_variance_gives_cocoops_logits(clip):
+    """Residual 0: CoCoOp with a zero meta-net output; residual mu(x): CoCoOp whose meta-net is mu."""
+    model, cocoop = model_of(clip, conditional=True), coop_of(clip, conditional=True)
+    zero_variance(model)
+    with torch.no_grad():
+        cocoop.prompt_learner.meta_net[-1].weight.zero_(), cocoop.prompt_learner.meta_net[-1].bias.zero_()
+        for sample in range(4):
+            torch.testing.assert_close(model.sample_logits(images())[0][:, sample], cocoop(images()),
+                                       rtol=1e-5, atol=1e-5)
+    model = zero_variance(model_of(clip, conditional=True, samples=2), mean="live")
+    cocoop.prompt_learner.meta_net = model.prompt_learner.meta_net["mean"]  # pi(x) = mu(x)
+    with torch.no_grad():
+        logits = model.sample_logits(images(5))[0]
+        expected = cocoop(images(5))
+        torch.testing.assert_close(logits[:, 0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[:, 1], expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(expected, coop_of(clip)(images(5)), atol=1e-3)  # mu(x) is not 0 here
+
+
+def test_posterior_shapes_and_the_amortised_networks(clip):
+    learner = model_of(clip).prompt_learner
+    assert learner.posterior_mean.shape == learner.posterior_logvar.shape == (1, 64)
+    assert torch.count_nonzero(learner.posterior_mean) == 0  # the official init: mu = 0, logvar ~ U[0, 1)
+    assert 0 <= learner.posterior_logvar.min() and learner.posterior_logvar.max() < 1
+    learner = model_of(clip, conditional=True).prompt_learner  # D = 32 -> 16 -> 16 -> d = 64, twice
+    for head in ("mean", "logvar"):
+        assert [tuple(m.weight.shape) for m in learner.meta_net[head] if hasattr(m, "weight")] == \
+            [(16, 32), (16, 16), (64, 16)]
+    assert not hasattr(learner, "posterior_mean")
+
+
+# ---------------------------------------------------------------------------- objective and sampling
+def test_kl_is_the_gaussian_closed_form_averaged_over_dimensions():
+    gen = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    posterior = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    prior = torch.distributions.Normal(torch.zeros(3, 64), torch.ones(3, 64))
+    expected = torch.distributions.kl_divergence(posterior, prior).mean(-1)  # the official code's formula
+    torch.testing.assert_close(vprompt.kl_to_prior(mean, logvar), expected, rtol=1e-5, atol=1e-6)
+    assert vprompt.kl_to_prior(torch.ones(1, 8), torch.zeros(1, 8)).item() == pytest.approx(0.5)  # mu^2 / 2
+    assert vprompt.kl_to_prior(torch.zeros(1, 8), torch.zeros(1, 8)).item() == 0  # q = prior
+    assert vprompt.kl_to_prior(torch.zeros(1, 4), torch.tensor([[math.log(4)] * 4])).item() == \
+        pytest.approx(0.5 * (4 - 1 - math.log(4)))
+
+
+def test_prediction_is_the_log_of_the_averaged_probability(clip):
+    model = model_of(clip, samples=5)
+    torch.manual_seed(0)
+    logits, _ = model.sample_logits(images())
+    assert not torch.allclose(logits[:, 0], logits[:, 1], atol=1e-3)  # the samples differ
+    torch.manual_seed(0)
+    log_p = model(images())
+    expected = logits.softmax(-1).mean(1).log()  # log (1/L sum_l p_l)
+    torch.testing.assert_close(log_p, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log_p.logsumexp(-1), torch.zeros(3), rtol=0, atol=1e-5)  # a distribution
+    assert not torch.allclose(log_p, logits.log_softmax(-1).mean(1), atol=1e-3)  # not the mean of the logs
+
+
+def test_averaging_identical_samples_equals_one_sample(clip):
+    mu = 0.05 * torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    many, one = zero_variance(model_of(clip, samples=7), mu), zero_variance(model_of(clip, samples=1), mu)
+    torch.testing.assert_close(many(images()), one(images()), rtol=1e-5, atol=1e-6)
+    many, one = model_of(clip, samples=6, conditional=True), model_of(clip, samples=1, conditional=True)
+    zero_variance(many, mean="live"), zero_variance(one, mean="live")
+    torch.testing.assert_close(many(images()), one(images()), rtol=1e-5, atol=1e-6)
+
+
+def test_training_loss_is_the_negative_elbo_and_reaches_the_posterior(clip):
+    for conditional in (False, True):
+        model = model_of(clip, conditional=conditional)
+        optimizer = coop.sgd([p for p in model.parameters() if p.requires_grad],
+                             argparse.Namespace(lr=0.0, momentum=0.9, weight_decay=0.0), torch.device("cpu"))
+        x, y = features(), torch.tensor([0, 3, 4])
+        torch.manual_seed(5)
+        log_p, kl = model.predictive(x)
+        expected = -log_p[torch.arange(3), y].mean() + 0.001 * kl
+        torch.manual_seed(5)  # the same draws
+        loss, correct = vprompt.train_step(model, optimizer, x, y)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert correct.item() == (log_p.argmax(-1) == y).sum().item()
+        learned = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None and g.abs().sum() > 0 for g in learned.values()), learned.keys()  # reparameterised
+        if not conditional:
+            mean, logvar = model.prompt_learner.posterior(None)
+            assert kl.item() == pytest.approx(vprompt.kl_to_prior(mean, logvar).item())
+
+
+def test_conditional_batch_equals_one_image_at_a_time_with_per_image_prompts(clip, monkeypatch):
+    """B images in one call (in passes of 2 images) give each image's batch-1 numbers, with the same draws;
+    image i's sample l is CoOp with the context V + r_il."""
+    monkeypatch.setattr(vprompt, "PROMPTS_PER_PASS", 2 * 3 * len(NAMES))  # 2 images of L = 3 samples a pass
+    model = model_of(clip, samples=3, conditional=True).eval()
+    drawn, real = [], model.residuals
+    monkeypatch.setattr(model, "residuals", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    x = features(5)
+    with torch.no_grad():
+        model.seed_sampling(7)
+        batch, kl = model.sample_logits(x)  # [5, 3, C]
+        residuals = torch.cat(drawn)  # [5, 3, d]
+        assert [len(r) for r in drawn] == [2, 2, 1] and residuals.std() > 0.1
+        model.seed_sampling(7)
+        singles = [model.sample_logits(x[i:i + 1]) for i in range(5)]
+        torch.testing.assert_close(batch, torch.cat([s[0] for s in singles]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kl, torch.cat([s[1] for s in singles]), rtol=1e-6, atol=1e-7)
+        model.seed_sampling(7)
+        log_p = model(x)
+        model.seed_sampling(7)
+        torch.testing.assert_close(log_p, torch.cat([model(x[i:i + 1]) for i in range(5)]), rtol=1e-5, atol=1e-5)
+        plain = coop_of(clip)
+        context = plain.prompt_learner.ctx.clone()
+        for i in range(5):
+            for sample in range(3):
+                plain.prompt_learner.ctx.copy_(context + residuals[i, sample])
+                torch.testing.assert_close(batch[i, sample], plain(x[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_reproducible_per_seed(clip):
+    for conditional in (False, True):
+        model = model_of(clip, conditional=conditional)
+        draws = {}
+        for seed in (0, 0, 1):  # training: torch's generator
+            torch.manual_seed(seed)
+            draws.setdefault(seed, []).append(model.sample_logits(features())[0])
+        assert torch.equal(draws[0][0], draws[0][1]) and not torch.allclose(draws[0][0], draws[1][0])
+        model.eval()  # evaluation: the model's own generator, whatever torch's generator holds
+        with torch.no_grad():
+            model.seed_sampling(3), torch.manual_seed(10)
+            first = model(features(), model.class_text_features())
+            model.seed_sampling(3), torch.manual_seed(11)
+            assert torch.equal(model(features(), model.class_text_features()), first)
+            model.seed_sampling(4)
+            assert not torch.allclose(model(features(), model.class_text_features()), first)
+
+
+def test_paper_settings_per_dataset_and_refusals(tmp_path):
+    def resolved(*argv):
+        return vprompt.resolve_settings(vprompt.parse_args([*argv, "--model", "ViT-B-16", "--pretrained", "none"]))
+    a = resolved("--dataset", "caltech101")
+    assert (a.samples, a.epochs, a.batch_size, a.ctx_init, a.shots, a.lr, a.conditional) == \
+        (20, 20, 1, "a photo of a", 16, 0.002, False)
+    assert (resolved("--dataset", "dtd").samples, resolved("--dataset", "dtd").epochs) == (40, 10)
+    assert (resolved("--dataset", "ucf101").samples, resolved("--dataset", "eurosat").epochs) == (5, 60)
+    b = resolved("--dataset", "imagenet", "--protocol", "cross", "--conditional")
+    assert (b.samples, b.epochs, b.batch_size) == (10, 10, 1)
+    assert resolved("--dataset", "caltech101", "--samples", "3").samples == 3
+    world = {**vprompt.PAPER, **vprompt.DATASET_SETTINGS["shapes"]}
+    assert all(getattr(resolved("--dataset", "shapes_noisy"), k) == v for k, v in world.items())
+    for flags, message in [(["--samples", "0"], "--samples must be an integer >= 1, got 0"),
+                           (["--lr", "nan"], "--lr must be a finite number > 0, got nan")]:
+        with pytest.raises(data.UsageError, match=message):
+            vprompt.main(vprompt.parse_args(["--output-dir", str(tmp_path / "run"), *COMMON, *flags]))
+        assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- end to end on the fixture
+def fixture_run(tmp_path, *extra, name="run1"):
+    if not (tmp_path / "data").exists():
+        caltech_fixture(tmp_path / "data")
+    return ["--dataset", "caltech101", "--model", TINY_NAME, "--pretrained", "none", "--shots", "2",
+            "--samples", "3", "--root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs" / name),
+            *COMMON, *extra]
+
+
+def learned(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)["learned"]
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_run_then_evaluate_reproduces_at_any_test_batch_size(tmp_path, monkeypatch, conditional):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    flag = ["--conditional"] if conditional else []
+    record = vprompt.main(vprompt.parse_args(fixture_run(tmp_path, "--epochs", "2", "--batch-size", "2", *flag)))
+    run = tmp_path / "runs" / "run1"
+    assert record["method"] == ("vprompt-conditional" if conditional else "vprompt")
+    assert record["args"]["samples"] == 3 and 0 <= record["base"] <= 100 and 0 <= record["new"] <= 100
+    keys = {"prompt_learner.ctx"} | ({f"prompt_learner.meta_net.{h}.{i}.{p}" for h in ("mean", "logvar")
+                                      for i in (0, 2, 4) for p in ("weight", "bias")} if conditional else
+                                     {"prompt_learner.posterior_mean", "prompt_learner.posterior_logvar"})
+    assert set(learned(run)) == keys  # nothing frozen is saved
+    for test_batch in ("100", "3"):  # a local setting: the draws go image by image, so no number moves
+        vprompt.main(vprompt.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON,
+                                         "--test-batch-size", test_batch]))
+        again = json.loads((run / "eval.json").read_text())
+        assert (again["base"], again["new"]) == (record["base"], record["new"])
+        for split, loss in record["test_loss"].items():  # continuous: other draws would not match (cf. test_coop)
+            assert again["test_loss"][split] == pytest.approx(loss, rel=1e-6, abs=1e-7), split
+    assert len((run.parent / "results.jsonl").read_text().splitlines()) == 1
+
+
+def run_script(argv, cwd, wait=True):
+    code = (f"import open_clip, runpy, sys; open_clip.factory._MODEL_CONFIGS[{TINY_NAME!r}] = {TINY!r}; "
+            f"sys.argv = ['vprompt.py', *{list(argv)!r}]; runpy.run_path('vprompt.py', run_name='__main__')")
+    command = [sys.executable, "-c", code]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real training process (conditional: per-image draws every step), --resume it, and get bit
+    for bit the learned tensors and the numbers of a run that was never interrupted."""
+    cwd = vprompt.__file__.rsplit("/", 1)[0]
+    train = ["--conditional", "--epochs", "30", "--batch-size", "2"]
+    whole, killed = tmp_path / "runs" / "whole", tmp_path / "runs" / "killed"
+    run_script(fixture_run(tmp_path, *train, name="whole"), cwd)
+    proc = run_script(fixture_run(tmp_path, *train, name="killed"), cwd, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a few completed epochs, then kill without warning
+        try:
+            if torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] >= 3:
+                break
+        except Exception:  # not written yet
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 3 <= stopped_at < 30 and not (killed / "results.json").exists()
+    stdout = run_script(["--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON], cwd)
+    assert f"resuming after epoch {stopped_at}" in stdout
+    for name, tensor in learned(whole).items():
+        assert torch.equal(tensor, learned(killed)[name]), name
+    a, b = (json.loads((r / "results.json").read_text()) for r in (whole, killed))
+    assert (a["base"], a["new"], a["test_loss"]) == (b["base"], b["new"], b["test_loss"])
+
+
+def test_a_non_finite_loss_stops_the_run_with_epoch_and_step_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    real, calls = vprompt.train_step, []
+
+    def diverging(model, optimizer, x, y):
+        calls.append(1)
+        loss, correct = real(model, optimizer, x, y)
+        return (loss * float("nan") if len(calls) == 4 else loss), correct
+    monkeypatch.setattr(vprompt, "train_step", diverging)
+    with pytest.raises(SystemExit, match=r"the loss became nan at epoch 2, step 2 .*nothing was recorded"):
+        vprompt.main(vprompt.parse_args(fixture_run(tmp_path, "--epochs", "3", "--batch-size", "2")))  # 2 steps an epoch
+    run = tmp_path / "runs" / "run1"
+    assert not (run / "results.json").exists() and not (run.parent / "results.jsonl").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good epoch stays
