@@ -2,6 +2,7 @@
 
     python3 kernels/bench.py steps                           # CoOp b32 + CoCoOp b1, ViT-B-16, 50 classes
     python3 kernels/bench.py steps --method coop --model tiny --pretrained shapes --classes world
+    python3 kernels/bench.py steps --method coop,promptsrc --batch-size 4   # PromptSRC against CoOp, same batch
     python3 kernels/bench.py steps --caltech-layout ~/timing  # write a Caltech101-layout folder (timing)
 
 Variants, all on the same batch and the same starting prompts:
@@ -11,6 +12,9 @@ Variants, all on the same batch and the same starting prompts:
   full      this file's eager step without truncation (--no-truncate).
   eager     this file's eager step (bf16 autocast on CUDA, truncated text pass).
   captured  the eager step recorded once as a CUDA graph and replayed (CapturedStep); CUDA only.
+PromptSRC (promptsrc.py, batch 4): its step on images (prompted image and text encoders, the frozen image
+features of the batch without gradients, CE + L_SCL), full and eager (and captured on CUDA); in the same
+run, coop.py's eager step on the same batch, so that the two methods' steps compare on one device.
 Also, on CUDA: the summed GPU kernel time of one step (torch.profiler) and the kernel count, and the
 losses of 20 eager and 20 captured steps from the same start on 20 different batches (they must
 agree to bf16 rounding). Step times are medians over repeats; ratios are against `official` (CUDA)
@@ -48,7 +52,8 @@ CALTECH101_RENAMES = {"Faces": "face", "Leopards": "leopard", "Motorbikes": "mot
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="coop,cocoop", help="comma-separated: coop (batch 32), cocoop (batch 1)")
+    p.add_argument("--method", default="coop,cocoop",
+                   help="comma-separated: coop (batch 32), cocoop (batch 1), promptsrc (batch 4)")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model (weights do not change the timing)")
     p.add_argument("--pretrained", default="none", help="open_clip tag, or 'none' for random weights")
     p.add_argument("--classes", default="caltech101", choices=["caltech101", "world"],
@@ -73,6 +78,8 @@ def class_names(which):
 
 
 def build(coop, backbone, names, method, args, device, truncate=True):
+    if method == "promptsrc":
+        return build_promptsrc(backbone, names, args, device, truncate)
     settings = argparse.Namespace(ctx_init=args.ctx_init, n_ctx=args.n_ctx, csc=False, class_token_position="end",
                                   conditional=method == "cocoop", no_truncate=not truncate)
     torch.manual_seed(0)
@@ -80,6 +87,30 @@ def build(coop, backbone, names, method, args, device, truncate=True):
     learned = [p for p in model.parameters() if p.requires_grad]
     paper = argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4)
     return model, coop.sgd(learned, paper, device)
+
+
+def build_promptsrc(backbone, names, args, device, truncate=True):
+    """promptsrc.py's model at the paper's base-to-new settings (depth 9, capped at the model's blocks),
+    with the frozen text features of `names`, and its SGD."""
+    import promptsrc
+    settings = promptsrc.resolve_settings(promptsrc.parse_args(
+        ["--ctx-init", args.ctx_init, "--n-ctx-text", str(args.n_ctx), "--model", backbone.name,
+         "--pretrained", str(backbone.pretrained or "none"), *([] if truncate else ["--no-truncate"])]))
+    torch.manual_seed(0)
+    model = promptsrc.PromptedCLIP(backbone.model, backbone.tokenize, names, settings).to(device)
+    world = args.classes == "world"
+    model.set_frozen_text_features(names, promptsrc.frozen_templates("shapes" if world else "caltech101"))
+    learned = [p for p in model.parameters() if p.requires_grad]
+    return model, promptsrc.sgd(learned, settings, device)
+
+
+def method_file(method):
+    """The module whose train_step and CapturedStep a method's step runs."""
+    import coop
+    if method == "promptsrc":
+        import promptsrc
+        return promptsrc
+    return coop
 
 
 def official_step(model, optimizer, x, y):
@@ -129,7 +160,8 @@ def kernel_time(step, batch, device):
 
 
 def bench_method(coop, backbone, names, method, args, device):
-    batch_size = args.batch_size or {"coop": 32, "cocoop": 1}[method]
+    batch_size = args.batch_size or {"coop": 32, "cocoop": 1, "promptsrc": 4}[method]
+    module = method_file(method)
     size = backbone.image_size
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, 3, size, size, generator=gen).to(device),
@@ -137,29 +169,36 @@ def bench_method(coop, backbone, names, method, args, device):
     rows = {}
 
     def run(model, optimizer):
-        return lambda x, y: coop.train_step(model, optimizer, x, y)
+        return lambda x, y: module.train_step(model, optimizer, x, y)
 
     model, optimizer = build(coop, backbone, names, method, args, device, truncate=False)
     rows["full"] = time_steps(run(model, optimizer), batches[0], device, args.steps, args.repeats)
     model, optimizer = build(coop, backbone, names, method, args, device)
     rows["eager"] = time_steps(run(model, optimizer), batches[0], device, args.steps, args.repeats)
     longest = int(model.prompt_learner.eot.max()) + 1
+    if method == "promptsrc":  # coop.py's step on the same batch, same device, in the same run
+        coop_model, coop_optimizer = build(coop, backbone, names, "coop", args, device)
+        rows["coop eager"] = time_steps(lambda x, y: coop.train_step(coop_model, coop_optimizer, x, y), batches[0],
+                                        device, args.steps, args.repeats)
+        del coop_model
     out = {"method": method, "batch": batch_size, "classes": len(names), "longest": longest,
            "context": backbone.model.positional_embedding.shape[0]}
     if device.type == "cuda":
         out["kernel_s"], out["kernels"] = kernel_time(run(model, optimizer), batches[0], device)
         model, optimizer = build(coop, backbone, names, method, args, device)
-        captured = coop.CapturedStep(coop.train_step, model, optimizer)
+        captured = module.CapturedStep(module.train_step, model, optimizer)
         rows["captured"] = time_steps(captured, batches[0], device, args.steps, args.repeats)
         out["captured_kernel_s"], _ = kernel_time(captured, batches[0], device)
         # the same 20 steps, eager and captured, from the same start
         losses = {}
         for name in ("eager", "captured"):
             model, optimizer = build(coop, backbone, names, method, args, device)
-            step = run(model, optimizer) if name == "eager" else coop.CapturedStep(coop.train_step, model, optimizer)
+            step = run(model, optimizer) if name == "eager" else module.CapturedStep(module.train_step, model,
+                                                                                      optimizer)
             losses[name] = torch.stack([step(x, y)[0] for x, y in batches]).float().cpu()
         out["loss_max_diff"] = float((losses["eager"] - losses["captured"]).abs().max())
         out["losses"] = losses["eager"].tolist(), losses["captured"].tolist()
+    if device.type == "cuda" and method != "promptsrc":
         # the official pattern: a separate fp16 copy of CLIP (prompts in fp16 too), all 77 positions
         fp16 = data.Backbone(**{**backbone.__dict__, "model": copy.deepcopy(backbone.model).half()})
         model, optimizer = build(coop, fp16, names, method, args, device, truncate=False)
@@ -175,22 +214,29 @@ def bench_method(coop, backbone, names, method, args, device):
 
 def print_table(results, device):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    baseline = "official" if device.type == "cuda" else "full"
-    print(f"\ndevice: {name}, torch {torch.__version__}; median ms per training step, ratio = {baseline} / variant")
-    head = f"{'method':>7} {'batch':>5} {'cls':>4} {'tok':>4} | " + " | ".join(
+    preferred = "official" if device.type == "cuda" else "full"
+    print(f"\ndevice: {name}, torch {torch.__version__}; median ms per training step, ratio = {preferred} / variant "
+          "(full / variant where a method has no official pattern here)")
+    head = f"{'method':>9} {'batch':>5} {'cls':>4} {'tok':>4} | " + " | ".join(
         f"{v:>17}" for v in ("official", "full", "eager", "captured"))
     print(head + " | kernel ms (count)")
     for r in results:
-        base = r["times"].get(baseline)
+        base = r["times"].get(preferred) or r["times"]["full"]
         cells = []
         for v in ("official", "full", "eager", "captured"):
             t = r["times"].get(v)
             cells.append(f"{1e3 * t:8.2f} ({base / t:5.2f}x)" if t else f"{'-':>17}")
-        kernel = (f" | eager {1e3 * r['kernel_s']:.2f} ({r['kernels']:.0f}), captured {1e3 * r['captured_kernel_s']:.2f},"
-                  f" official {1e3 * r['official_kernel_s']:.2f} ({r['official_kernels']:.0f});"
-                  f" captured/kernel {r['times']['captured'] / r['kernel_s']:.2f}x;"
+        official = (f", official {1e3 * r['official_kernel_s']:.2f} ({r['official_kernels']:.0f})"
+                    if "official_kernel_s" in r else "")
+        kernel = (f" | eager {1e3 * r['kernel_s']:.2f} ({r['kernels']:.0f}), captured {1e3 * r['captured_kernel_s']:.2f}"
+                  f"{official}; captured/kernel {r['times']['captured'] / r['kernel_s']:.2f}x;"
                   f" 20-step loss max |eager - captured| {r['loss_max_diff']:.2e}" if "kernel_s" in r else "")
-        print(f"{r['method']:>7} {r['batch']:>5} {r['classes']:>4} {r['longest']:>4} | " + " | ".join(cells) + kernel)
+        print(f"{r['method']:>9} {r['batch']:>5} {r['classes']:>4} {r['longest']:>4} | " + " | ".join(cells) + kernel)
+    for r in results:
+        if "coop eager" in r["times"]:
+            t, c = r["times"]["eager"], r["times"]["coop eager"]
+            print(f"{r['method']} eager step / coop.py eager step on the same batch of {r['batch']}: "
+                  f"{1e3 * t:.2f} ms / {1e3 * c:.2f} ms = {t / c:.2f}x")
 
 
 def write_caltech_layout(root):

@@ -20,3 +20,11 @@ def test_caltech_names_are_the_50_base_classes_in_coop_order():
     names = bench_steps.class_names("caltech101")
     assert len(names) == 50 and names[:4] == ["face", "leopard", "motorbike", "accordion"]
     assert names[-1] == "helicopter" and len(bench_steps.CALTECH101_FOLDERS) == 100
+
+
+def test_step_benchmark_times_promptsrc_against_coop_on_the_same_batch(capsys):
+    results = bench_steps.main(["--method", "promptsrc", "--model", "tiny", "--pretrained", "shapes", "--classes",
+                                "world", "--steps", "1", "--repeats", "1", "--device", "cpu"])
+    assert [(r["method"], r["batch"]) for r in results] == [("promptsrc", 4)]
+    assert set(results[0]["times"]) == {"full", "eager", "coop eager"} and all(t > 0 for t in results[0]["times"].values())
+    assert "promptsrc eager step / coop.py eager step on the same batch of 4" in capsys.readouterr().out
