@@ -19,7 +19,7 @@ Gaussian-weighted average of each epoch's prompts (GPA), which favours the later
   python promptsrc.py --resume runs/promptsrc-caltech101-16shot-seed1-...     # continue a killed run
   python promptsrc.py --evaluate runs/promptsrc-caltech101-16shot-seed1-...   # re-evaluate a finished run
   python promptsrc.py --protocol all --shots 4            # few-shot on all classes (supplement, 50 epochs)
-  python promptsrc.py --protocol cross --dataset imagenet --root ~/data  # cross-dataset and domain generalisation
+  python promptsrc.py --protocol cross --dataset imagenet --root ~/data  # cross-dataset, domain generalisation
 
 Evaluation protocols (--protocol), each with the official config's settings (PROTOCOLS, DATASET_SETTINGS):
 - base2new (default): train on the base half, test base and new each in its own label space, their harmonic
@@ -99,7 +99,8 @@ DATASET_SETTINGS = {
 }
 # PromptSRC's textual diversity (trainers/imagenet_templates.py): "a photo of a {}." and the first 60 of
 # OpenAI's 80 ImageNet templates without that duplicate; the same 60 for every dataset.
-PROMPTSRC_TEMPLATES = ["a photo of a {}."] + [t for t in data.IMAGENET_TEMPLATES[:60] if t != "a photo of a {}."]
+PROMPTSRC_TEMPLATES = ["a photo of a {}."] + [t for t in data.IMAGENET_TEMPLATES[:60]
+                                               if t != "a photo of a {}."]
 PROMPTS_PER_PASS = 4096  # frozen text features: at most this many template prompts in one text pass
 # Settings of a run that may change when it is resumed or re-evaluated elsewhere (nothing numeric).
 LOCAL_SETTINGS = ("resume", "evaluate", "root", "device", "workers", "test_batch_size", "eager", "results_file")
@@ -125,7 +126,8 @@ def parse_args(argv=None):
     a("--ctx-init", default="a photo of a",
       help="words that initialise the input-level text context (M = their BPE token count); '' = random "
            "N(0, 0.02^2) with --n-ctx-text tokens (paper: a photo of a)")
-    a("--n-ctx-text", type=int, default=4, help="text prompt tokens per block when --ctx-init is empty (paper: 4)")
+    a("--n-ctx-text", type=int, default=4,
+      help="text prompt tokens per block when --ctx-init is empty (paper: 4)")
     a("--n-ctx-vision", type=int, default=4, help="image prompt tokens per block (paper: 4)")
     a("--prompt-depth-text", type=int, default=None,
       help="text blocks that get prompts, from the first (paper: 9; cross-dataset 3); capped at the model's")
@@ -218,7 +220,8 @@ def check_settings(args):
                  f"--gpa-mean {args.gpa_mean} with --gpa-std {args.gpa_std} gives every epoch 1..{args.epochs} "
                  "zero weight (the Gaussian underflows): put the mean within the epochs")
     data.require(args.ctx_init.strip() or args.n_ctx_text >= 1,
-                 f"--n-ctx-text {args.n_ctx_text} with an empty --ctx-init: the prompt needs at least one token")
+                 f"--n-ctx-text {args.n_ctx_text} with an empty --ctx-init: the prompt needs at least one "
+                 "token")
     data.require(args.protocol != "cross" or eval_datasets(args), f"--protocol cross names no default "
                  f"targets for {args.dataset}: list them with --eval-datasets")
 
@@ -238,7 +241,8 @@ def learning_rate(epoch, args):
 
 def gaussian_pdf(epochs, mu, sigma):
     """N(e; mu, sigma) for epochs e = 1..E (sigma a standard deviation), as the official get_gauss."""
-    return [math.exp(-0.5 * ((e - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    return [math.exp(-0.5 * ((e - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+            for e in range(1, epochs + 1)]
 
 
 def gpa_weights(epochs, mu, sigma):
@@ -364,7 +368,7 @@ class PromptLearner(nn.Module):
         device = self.token_embedding.weight.device
         ids = self.tokenize([f"{self.prefix_words} {name}." for name in names]).to(device)  # [C, L]
         eot = ids.argmax(-1)  # [C]: EOT has the largest token id
-        too_long = [name for name, e in zip(names, eot.tolist()) if e >= ids.shape[1] - 1]  # cut by the tokenizer
+        too_long = [name for name, e in zip(names, eot.tolist()) if e >= ids.shape[1] - 1]  # cut by tokenizer
         data.require(not too_long, f"the prompt '{self.prefix_words} <class>.' does not fit the text context "
                      f"of {ids.shape[1]} tokens for {len(too_long)} classes (e.g. {(too_long or [''])[0]!r}): "
                      "use a shorter --ctx-init or fewer --n-ctx-text")
@@ -391,8 +395,9 @@ class PromptedCLIP(nn.Module):
         self.image_encoder = ImageEncoder(clip.visual)  # first: it refuses an image tower that is not a ViT
         self.text_encoder = TextEncoder(clip)
         self.prompt_learner = PromptLearner(clip, tokenize, classnames, args)
-        self.ivlp, self.text_loss_weight, self.image_loss_weight = args.ivlp, args.text_loss_weight, args.image_loss_weight
-        self.register_buffer("frozen_text_features", torch.empty(0), persistent=False)  # set_frozen_text_features
+        self.ivlp = args.ivlp
+        self.text_loss_weight, self.image_loss_weight = args.text_loss_weight, args.image_loss_weight
+        self.register_buffer("frozen_text_features", torch.empty(0), persistent=False)  # see below
 
     def encode_image(self, images, prompted=True):  # [B, 3, H, W] -> L2-normalised [B, D]
         prompts = self.prompt_learner.vision_prompts if prompted else None
@@ -412,8 +417,8 @@ class PromptedCLIP(nn.Module):
         ids = self.prompt_learner.tokenize(texts).to(self.clip.logit_scale.device)  # [C * T, L]
         eot = ids.argmax(-1)
         too_long = [text for text, e in zip(texts, eot.tolist()) if e >= ids.shape[1] - 1]
-        data.require(not too_long, f"the template prompt {(too_long or [''])[0]!r} does not fit the text context "
-                     f"of {ids.shape[1]} tokens: a class name is too long for the frozen text features")
+        data.require(not too_long, f"the template prompt {(too_long or [''])[0]!r} does not fit the text "
+                     f"context of {ids.shape[1]} tokens: a class name is too long for the frozen text features")
         features = []
         for chunk, chunk_eot in zip(ids.split(PROMPTS_PER_PASS), eot.split(PROMPTS_PER_PASS)):
             chunk = chunk[:, :int(chunk_eot.max()) + 1]  # exact (causal mask), as the prompted pass
@@ -481,9 +486,10 @@ def train_step(model, optimizer, x, y, frozen_image_features=None):
     if model.ivlp:  # IVLP: cross-entropy is the whole objective
         loss = F.cross_entropy(logits, y)
     else:
-        frozen_logits = model.clip.logit_scale.exp() * frozen_image_features.float() @ model.frozen_text_features.t()
-        loss = promptsrc_loss(logits, y, frozen_logits.float(), text_features, model.frozen_text_features,
-                              image_features, frozen_image_features.float(), model.text_loss_weight,
+        frozen_image_features = frozen_image_features.float()
+        frozen_logits = model.clip.logit_scale.exp() * frozen_image_features @ model.frozen_text_features.t()
+        loss = promptsrc_loss(logits, y, frozen_logits, text_features, model.frozen_text_features,
+                              image_features, frozen_image_features, model.text_loss_weight,
                               model.image_loss_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -677,9 +683,10 @@ def main(args):
     else:
         step = lambda *batch: train_step(model, optimizer, *batch)  # noqa: E731
     prompts = model.prompt_learner
-    print(f"learning {sum(p.numel() for p in learned):,} parameters (text prompts in {len(prompts.text_prompts) + 1} "
-          f"of {len(model.text_encoder.resblocks)} blocks, image prompts in {len(prompts.vision_prompts)} of "
-          f"{len(model.image_encoder.visual.transformer.resblocks)}) on {len(train_items)} images of "
+    print(f"learning {sum(p.numel() for p in learned):,} parameters (text prompts in "
+          f"{len(prompts.text_prompts) + 1} of {len(model.text_encoder.resblocks)} blocks, image prompts in "
+          f"{len(prompts.vision_prompts)} of {len(model.image_encoder.visual.transformer.resblocks)}) on "
+          f"{len(train_items)} images of "
           f"{len(train_names)} {train_classes} classes")
     start_epoch = restore_training(saved, model, optimizer, train_loader, gpa) if saved else 0
 
@@ -730,7 +737,8 @@ def training_batches(model, items, benchmark, backbone, args, device):
             tensors.append(torch.cat([model.encode_image(x.to(device), prompted=False).cpu()
                                       for x in images.split(args.test_batch_size)]))
     return DataLoader(TensorDataset(*tensors), batch_size=args.batch_size, shuffle=True,
-                      drop_last=len(images) >= args.batch_size, generator=torch.Generator().manual_seed(args.seed))
+                      drop_last=len(images) >= args.batch_size,
+                      generator=torch.Generator().manual_seed(args.seed))
 
 
 def evaluate_run(model, benchmark, targets, backbone, train_names, args, device) -> dict:
@@ -764,7 +772,8 @@ def evaluate_run(model, benchmark, targets, backbone, train_names, args, device)
     ours = rows[method_name]
     return dict(method="ivlp" if args.ivlp else "promptsrc", protocol=args.protocol, dataset=args.dataset,
                 backbone=backbone.name, pretrained=backbone.pretrained, shots=args.shots, seed=args.seed,
-                epoch=args.epochs, base=ours.get("base"), new=ours.get("new"), hm=ours["hm"], all=ours.get("all"),
+                epoch=args.epochs, base=ours.get("base"), new=ours.get("new"), hm=ours["hm"],
+                all=ours.get("all"),
                 shifts={s: ours[s] for s in benchmark.shifts if s in ours},
                 transfer={t: ours[t] for t in targets if t in ours}, zero_shot=rows["zero-shot CLIP"],
                 test_loss=test_loss, classes={split: len(names) for split, (_, names, _) in splits.items()},

@@ -21,14 +21,13 @@ import torch.nn.functional as F
 import data
 import kernels
 import promptsrc
-from test_coop import caltech_fixture
+from test_coop import NAMES, caltech_fixture, images
 
 ROOT = Path(__file__).resolve().parents[1]
 # A random-init CLIP small enough for CPU tests, deep enough to see prompts stop at a depth (4 blocks each).
 TINY_NAME = "promptsrc-test-tiny"
 TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=4, width=64, patch_size=8, head_width=32),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=4))
-NAMES = ["cat", "hot air balloon", "golden_retriever", "x-ray film", "ox"]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +47,6 @@ def settings(**kw):
 def prompted(clip, names=NAMES, **kw):
     torch.manual_seed(1)
     return promptsrc.PromptedCLIP(clip, open_clip.tokenize, names, settings(**kw))
-
-
-def images(n=3, seed=2):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------- the encoders
