@@ -566,12 +566,14 @@ def main(args):
                              "result. Lower --lr.")
         epochs_bar.set_postfix(lr=f"{learning_rate(epoch, args):.2e}", loss=f"{step_losses.mean():.3f}",
                                acc=f"{float(correct) / seen:.3f}")
-        save_training(out / "checkpoint.pt", args, epoch + 1, model, optimizer, train_loader)
+        train_fit = {"loss": round(float(step_losses.mean()), 4), "acc": round(100 * float(correct) / seen, 2)}
+        save_training(out / "checkpoint.pt", args, epoch + 1, model, optimizer, train_loader, train_fit)
 
     record = evaluate_run(model, benchmark, targets, backbone, train_names, args, device)
+    checkpoint = data.load_checkpoint(out / "checkpoint.pt")
+    record["train"] = checkpoint["train"]  # the last epoch's training loss and accuracy (%)
     record["wall_s"] = round(time.time() - start_time, 1)
     data.atomic_write_text(json.dumps(record, indent=2), out / "results.json")
-    checkpoint = data.load_checkpoint(out / "checkpoint.pt")
     data.atomic_save({**checkpoint, "metrics": record}, out / "checkpoint.pt")
     data.append_result(Path(args.results_file or out.parent / "results.jsonl"), record)
     print(f"wrote {out / 'results.json'}, {out / 'checkpoint.pt'}")
@@ -654,14 +656,15 @@ def evaluation_sets(benchmark, targets, train_names, protocol) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ saved runs
-def save_training(path, args, epoch, model, optimizer, train_loader):
+def save_training(path, args, epoch, model, optimizer, train_loader, train_fit):
     """After each epoch, atomically: the learned tensors and everything the next epoch depends on (the
-    optimiser state, the random states of Python, NumPy, torch and the loader's shuffling). Plain
-    tensors, numbers and strings only, so that it loads with weights_only=True."""
+    optimiser state, the random states of Python, NumPy, torch and the loader's shuffling), and the
+    epoch's training loss and accuracy (train_fit). Plain tensors, numbers and strings only, so that it
+    loads with weights_only=True."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     data.atomic_save({
         "learned": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "args": vars(args), "epoch": epoch, "metrics": None,
+        "args": vars(args), "epoch": epoch, "metrics": None, "train": train_fit,
         "optimizer": optimizer.state_dict(),
         "rng": {"python": [python_state[0], list(python_state[1]), python_state[2]],
                 "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],

@@ -26,7 +26,7 @@ API CONTRACT (used by the method files; keep these names and meanings):
               (world: other rendering styles; imagenet: the variants found on disk).
       open_image(source) -> PIL.Image in RGB.
       augment: True when the paper's random training augmentation applies (real datasets);
-               False for the world (32 px shapes: a random crop would cut the shape away).
+               False for the world (small rendered shapes: a random crop would cut the shape away).
   load_dataset(name, root, download=False) -> Benchmark
   fewshot(items, shots, seed, cache=None) -> list[Item]
   subsample_classes(items, classnames, which) -> (items relabelled from 0, classnames)

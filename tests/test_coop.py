@@ -209,7 +209,8 @@ def check_run(run, method, epochs=2):
     lines = (run.parent / "results.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["base"] == results["base"]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"learned", "args", "epoch", "metrics", "optimizer", "rng"} and ckpt["epoch"] == epochs
+    assert set(ckpt) == {"learned", "args", "epoch", "metrics", "optimizer", "rng", "train"} and ckpt["epoch"] == epochs
+    assert 0 <= ckpt["train"]["acc"] <= 100 and ckpt["train"]["loss"] > 0 and results["train"] == ckpt["train"]
     assert ckpt["metrics"]["test_loss"] == results["test_loss"]
     meta = {f"prompt_learner.meta_net.{layer}.{p}" for layer in ("linear1", "linear2") for p in ("weight", "bias")}
     assert set(ckpt["learned"]) == {"prompt_learner.ctx"} | (meta if method == "cocoop" else set())  # nothing frozen

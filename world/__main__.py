@@ -1,11 +1,12 @@
-"""`python -m world pretrain` (the tiny CLIP's pretraining; its defaults made the shipped checkpoint)
-and `python -m world zero-shot` (the zero-shot table of world/README.md). Run from the folder that
-holds data.py and world/."""
+"""`python -m world pretrain` (the tiny CLIP's pretraining; its defaults made the shipped checkpoint),
+`python -m world zero-shot` (the zero-shot table of world/README.md) and `python -m world prompts`
+(the untrained-prompt check of world/README.md). Run from the folder that holds data.py and world/."""
 import argparse
 import sys
 
 from world.shapes import WORLD_STYLES, world_combo_split, world_task_classes
-from world.tiny_clip import TINY_CHECKPOINT, load_tiny_clip, world_pretrain, world_zero_shot
+from world.tiny_clip import (TINY_CHECKPOINT, load_tiny_clip, world_pretrain, world_prompt_sensitivity,
+                             world_zero_shot)
 
 
 def _cmd_zero_shot(argv) -> None:
@@ -34,7 +35,7 @@ def _cmd_pretrain(argv) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="images (and captions) per step (default 128)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the rendered data (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads; bit-identical results need the same count (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads; bit-identical results need the same count (default 1)")
     parser.add_argument("--log-every", type=int, default=100, help="print and record the loss every N steps (default 100)")
     parser.add_argument("--out", default=str(TINY_CHECKPOINT), help=f"checkpoint path, written atomically (default {TINY_CHECKPOINT})")
     args = parser.parse_args(argv)
@@ -42,7 +43,23 @@ def _cmd_pretrain(argv) -> None:
                    out=args.out, threads=args.threads, log_every=args.log_every)
 
 
-COMMANDS = {"pretrain": _cmd_pretrain, "zero-shot": _cmd_zero_shot}
+def _cmd_prompts(argv) -> None:
+    parser = argparse.ArgumentParser(prog="python -m world prompts", description=(
+        "How much untrained deep vision prompts (N(0, 0.02^2), appended before ln_pre and replaced before "
+        "every block, as PromptSRC starts) move zero-shot accuracy on the 'shapes' task's test set."))
+    parser.add_argument("--checkpoint", default=str(TINY_CHECKPOINT), help="tiny CLIP checkpoint")
+    parser.add_argument("--n-prompts", type=int, default=4, help="prompt tokens per layer (default 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="prompt draws (default 1 2 3)")
+    args = parser.parse_args(argv)
+    result = world_prompt_sensitivity(load_tiny_clip(args.checkpoint), args.n_prompts, tuple(args.seeds))
+    print(f"| prompts | seed | base | new | change base | change new |\n|---|---|---:|---:|---:|---:|")
+    print(f"| none | - | {100 * result['base']:.2f} | {100 * result['new']:.2f} | | |")
+    for seed, acc in result["prompted"].items():
+        print(f"| {args.n_prompts} | {seed} | {100 * acc['base']:.2f} | {100 * acc['new']:.2f} | "
+              f"{100 * (acc['base'] - result['base']):+.2f} | {100 * (acc['new'] - result['new']):+.2f} |")
+
+
+COMMANDS = {"pretrain": _cmd_pretrain, "zero-shot": _cmd_zero_shot, "prompts": _cmd_prompts}
 
 
 def main(argv=None) -> None:

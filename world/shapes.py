@@ -25,6 +25,7 @@ WORLD_SIZES = ("small", "large")
 WORLD_BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient")
 WORLD_STYLES = ("photo", "noisy", "outline", "vivid", "lowcontrast")
 WORLD_DEFAULT_STYLE = "outline"  # the downstream domain of --dataset shapes
+WORLD_RES = 48  # image side in pixels (World v2; v1 was 32): 144 patch tokens at the tiny CLIP's patch 4
 WORLD_RIM = 0.75  # outline style: the shape minus a copy shrunk to 75 % (a rim 1/4 of its radius)
 
 # Colour-shape pairs never rendered during pretraining: (shape - colour) mod 8 in {0, 4}. Each colour
@@ -92,7 +93,7 @@ def _texture(name, x, y, along, freq):
     return ((gx - gx.floor() - 0.5) ** 2 + (gy - gy.floor() - 0.5) ** 2 < 0.08).float()  # dotted
 
 
-def world_render(colour, shape, size, background, style, gen, res=32):
+def world_render(colour, shape, size, background, style, gen, res=WORLD_RES):
     """Render one image per entry of the index tensors colour/shape/size/background ([n] long).
 
     Drawn at 2x resolution and average-pooled (anti-aliased). Position, rotation (+-15 deg),
@@ -173,7 +174,7 @@ def world_attributes(pairs, pick, gen):
 
 
 def world_images(pairs, per_class, style, seed, split, task="shapes"):
-    """Render `per_class` images of every (colour, shape) pair -> (uint8 [N, 3, 32, 32], labels [N]).
+    """Render `per_class` images of every (colour, shape) pair -> (uint8 [N, 3, WORLD_RES, WORLD_RES], labels [N]).
     A task other than the first draws from its own generators (the first task's keys are unchanged)."""
     gen = world_generator(seed, split, style) if task == "shapes" else world_generator(seed, split, style, task)
     labels = torch.arange(len(pairs)).repeat_interleave(per_class)
@@ -295,7 +296,7 @@ def world_benchmark(name, seed=0):
 
     train, val, test = render("train", style), render("val", style), render("test", style)
     shifts = {other: render("test", other) for other in WORLD_STYLES if other != style}
-    pool = torch.cat(pools)  # [N, 3, 32, 32] uint8; an item's source is its row
+    pool = torch.cat(pools)  # [N, 3, WORLD_RES, WORLD_RES] uint8; an item's source is its row
 
     def open_image(index):
         return Image.fromarray(pool[index].permute(1, 2, 0).numpy())

@@ -15,15 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from data import CLIP_MEAN, CLIP_STD, Backbone, atomic_save
-from world.shapes import (world_caption_batch, world_classname, world_combo_split, world_generator,
+from world.shapes import (WORLD_RES, world_caption_batch, world_classname, world_combo_split, world_generator,
                           world_images, world_positive_mask, world_render)
 
-# An open_clip CLIP small enough to pretrain on 2 CPU cores in minutes: ViT patch 8 on 32 px
-# (16 patches + CLS), 6 layers of width 192; text transformer of width 128, 3 layers, 24 positions.
+# An open_clip CLIP small enough to pretrain on 2 CPU cores: ViT patch 4 on 48 px (144 patches + CLS, so
+# that 4 prompt tokens are a small share of the sequence, as in ViT-B/16's 196 + 1), 6 layers of width
+# 128, trained with half the patches dropped (FLIP-style patch dropout, which halves the cost; eval
+# uses all of them); text transformer of width 128, 3 layers, 24 positions. World v2: world/README.md.
 TINY_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 32, "layers": 6, "width": 192, "patch_size": 8, "head_width": 32,
-                   "mlp_ratio": 4.0},
+    "vision_cfg": {"image_size": WORLD_RES, "layers": 6, "width": 128, "patch_size": 4, "head_width": 32,
+                   "mlp_ratio": 4.0, "patch_dropout": 0.5},
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 TINY_CHECKPOINT = Path(__file__).resolve().parent / "tiny_clip_shapes.pt"
@@ -41,12 +43,16 @@ def register_tiny():
             open_clip.add_model_config(path)
 
 
-def build_tiny_clip():
-    """A tiny CLIP through open_clip, random init from torch's global RNG, fp32, train mode."""
+def build_tiny_clip(config=None):
+    """A tiny CLIP through open_clip, random init from torch's global RNG, fp32, train mode.
+    config: an open_clip model config (default TINY_CONFIG, registered as 'tiny'); a checkpoint
+    pretrained with another config (e.g. an experiment's) is built from the config it carries."""
     import open_clip
 
-    register_tiny()
-    return open_clip.create_model("tiny")
+    register_tiny()  # also what open_clip.get_tokenizer("tiny") reads its context length from
+    if config is None or config == TINY_CONFIG:
+        return open_clip.create_model("tiny")
+    return open_clip.CLIP(**config)
 
 
 def to_clip_input(images):
@@ -56,7 +62,7 @@ def to_clip_input(images):
     return (images.float() / 255 - mean) / std
 
 
-def world_pretrain(steps=1500, batch_size=128, lr=1e-3, seed=0, out=TINY_CHECKPOINT, threads=2,
+def world_pretrain(steps=1500, batch_size=128, lr=1e-3, seed=0, out=TINY_CHECKPOINT, threads=1,
                    log_every=100):
     """Contrastive pretraining of the tiny CLIP on clean photos of the 48 seen colour-shape pairs.
 
@@ -143,7 +149,7 @@ def load_tiny_clip(path=TINY_CHECKPOINT):
         raise FileNotFoundError(f"tiny CLIP checkpoint not found at {path}. It ships with the "
                                 f"repository (world/); rebuild it with `python -m world pretrain`.")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_tiny_clip()
+    model = build_tiny_clip(checkpoint["config"])
     state = {k: v.float() for k, v in checkpoint["state_dict"].items()}
     table = torch.zeros_like(model.token_embedding.weight)
     table[checkpoint["token_ids"]] = checkpoint["token_rows"].float()
@@ -168,5 +174,57 @@ def tiny_backbone(pretrained: Optional[str], device) -> Backbone:
     model = model.to(device).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("tiny")  # CLIP's BPE, 24 positions
     return Backbone(model=model, tokenize=lambda texts: tokenizer(list(texts)), name="tiny",
-                    pretrained=pretrained, image_size=TINY_CONFIG["vision_cfg"]["image_size"],
+                    pretrained=pretrained, image_size=model.visual.image_size[0],
                     mean=CLIP_MEAN, std=CLIP_STD)
+
+
+# --- the untrained-prompt check (World v2's criterion) ---------------------------------------------
+@torch.no_grad()
+def encode_image_with_random_prompts(model, images, n_prompts, gen, std=0.02):
+    """The image features with `n_prompts` untrained deep vision prompts, as PromptSRC/IVLP start
+    training: N(0, std^2) tokens appended after the patch tokens before ln_pre, and a fresh set
+    replacing them before every later block. n_prompts=0 gives model.encode_image (tested).
+    images: CLIP input [n, 3, H, W] -> unnormalised features [n, D]."""
+    visual = model.visual
+    x = visual.conv1(images).flatten(2).transpose(1, 2)  # [n, patches, width]
+    cls = visual.class_embedding.expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], 1) + visual.positional_embedding
+    blocks = visual.transformer.resblocks
+    prompts = std * torch.randn(len(blocks), n_prompts, x.shape[-1], generator=gen)
+    x = visual.ln_pre(torch.cat([x, prompts[0].expand(x.shape[0], -1, -1)], 1))
+    for depth, block in enumerate(blocks):
+        if depth > 0 and n_prompts > 0:
+            x = torch.cat([x[:, :-n_prompts], prompts[depth].expand(x.shape[0], -1, -1)], 1)
+        x = block(x)
+    return visual.ln_post(x[:, 0]) @ visual.proj
+
+
+@torch.no_grad()
+def world_prompt_sensitivity(model, n_prompts=4, seeds=(1, 2, 3), std=0.02):
+    """How much untrained deep vision prompts move zero-shot accuracy on the downstream task's test
+    set ('shapes': base and new, each among its own 12 names, template 'a photo of a {}.').
+    -> {"base": acc, "new": acc, "prompted": {seed: {"base": acc, "new": acc}}} (fractions)."""
+    import open_clip
+
+    from world.shapes import WORLD_DEFAULT_STYLE, WORLD_SPLIT_SIZES, world_task_classes
+
+    pairs = world_task_classes()
+    images, labels = world_images(pairs, WORLD_SPLIT_SIZES["test"], WORLD_DEFAULT_STYLE, 0, "test")
+    images = to_clip_input(images)
+    tokenizer = open_clip.get_tokenizer("tiny")
+    text = F.normalize(model.encode_text(tokenizer([f"a photo of a {world_classname(*p)}." for p in pairs])), dim=-1)
+    halves = {"base": labels < 12, "new": labels >= 12}
+
+    def accuracies(features):
+        features = F.normalize(features, dim=-1)
+        out = {}
+        for half, pick in halves.items():
+            offset = 0 if half == "base" else 12
+            logits = features[pick] @ text[offset:offset + 12].T
+            out[half] = round(logits.argmax(1).add(offset).eq(labels[pick]).float().mean().item(), 4)
+        return out
+
+    result = accuracies(model.encode_image(images))
+    result["prompted"] = {seed: accuracies(encode_image_with_random_prompts(
+        model, images, n_prompts, torch.Generator().manual_seed(seed), std)) for seed in seeds}
+    return result
