@@ -2,6 +2,7 @@
 
     python3 kernels/bench.py steps                           # CoOp b32 + CoCoOp b1, ViT-B-16, 50 classes
     python3 kernels/bench.py steps --method coop --model tiny --pretrained shapes --classes world
+    python3 kernels/bench.py steps --method coop,promptsrc --batch-size 4   # PromptSRC against CoOp, same batch
     python3 kernels/bench.py steps --caltech-layout ~/timing  # write a Caltech101-layout folder (timing)
     python3 kernels/bench.py steps --method vprompt,vprompt-conditional   # vprompt.py's steps beside coop.py's
 
@@ -52,7 +53,7 @@ CALTECH101_RENAMES = {"Faces": "face", "Leopards": "leopard", "Motorbikes": "mot
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="coop,cocoop", help="comma-separated: coop (batch 32), cocoop (batch 1), "
-                   "vprompt, vprompt-conditional (batch 1)")
+                   "vprompt, vprompt-conditional (batch 1), promptsrc (batch 4)")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model (weights do not change the timing)")
     p.add_argument("--pretrained", default="none", help="open_clip tag, or 'none' for random weights")
     p.add_argument("--classes", default="caltech101", choices=["caltech101", "world"],
@@ -77,18 +78,26 @@ def class_names(which):
     return [CALTECH101_RENAMES.get(f, f) for f in CALTECH101_FOLDERS[:50]]
 
 
-PAPER_BATCH = {"coop": 32, "cocoop": 1, "vprompt": 1, "vprompt-conditional": 1}
-BUILDS_ON = {"vprompt": "coop", "vprompt-conditional": "cocoop"}  # the coop.py step a vprompt.py step is set against
+PAPER_BATCH = {"coop": 32, "cocoop": 1, "vprompt": 1, "vprompt-conditional": 1, "promptsrc": 4}
+# the coop.py step another method's step is set against (same batch, same run)
+BUILDS_ON = {"vprompt": "coop", "vprompt-conditional": "cocoop", "promptsrc": "coop"}
 
 
 def method_file(method):
     """The method file that holds `method`'s model and train_step."""
     import coop
-    import vprompt
-    return vprompt if method.startswith("vprompt") else coop
+    if method == "promptsrc":
+        import promptsrc
+        return promptsrc
+    if method.startswith("vprompt"):
+        import vprompt
+        return vprompt
+    return coop
 
 
 def build(module, backbone, names, method, args, device, truncate=True):
+    if method == "promptsrc":
+        return build_promptsrc(backbone, names, args, device, truncate)
     settings = argparse.Namespace(ctx_init=args.ctx_init, n_ctx=args.n_ctx, csc=False, class_token_position="end",
                                   conditional=method in ("cocoop", "vprompt-conditional"), no_truncate=not truncate,
                                   samples=args.samples)
@@ -97,6 +106,21 @@ def build(module, backbone, names, method, args, device, truncate=True):
     learned = [p for p in model.parameters() if p.requires_grad]
     paper = argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4)
     return model, module.sgd(learned, paper, device)
+
+
+def build_promptsrc(backbone, names, args, device, truncate=True):
+    """promptsrc.py's model at the paper's base-to-new settings (depth 9, capped at the model's blocks),
+    with the frozen text features of `names`, and its SGD."""
+    import promptsrc
+    settings = promptsrc.resolve_settings(promptsrc.parse_args(
+        ["--ctx-init", args.ctx_init, "--n-ctx-text", str(args.n_ctx), "--model", backbone.name,
+         "--pretrained", str(backbone.pretrained or "none"), *([] if truncate else ["--no-truncate"])]))
+    torch.manual_seed(0)
+    model = promptsrc.PromptedCLIP(backbone.model, backbone.tokenize, names, settings).to(device)
+    world = args.classes == "world"
+    model.set_frozen_text_features(names, promptsrc.frozen_templates("shapes" if world else "caltech101"))
+    learned = [p for p in model.parameters() if p.requires_grad]
+    return model, promptsrc.sgd(learned, settings, device)
 
 
 def official_step(model, optimizer, x, y):
@@ -184,6 +208,7 @@ def bench_method(backbone, names, method, args, device):
             losses[name] = torch.stack([step(x, y)[0] for x, y in batches]).float().cpu()
         out["loss_max_diff"] = float((losses["eager"] - losses["captured"]).abs().max())
         out["losses"] = losses["eager"].tolist(), losses["captured"].tolist()
+    if device.type == "cuda" and method != "promptsrc":  # PromptSRC has no official pattern here
         # the official pattern: a separate fp16 copy of CLIP (prompts in fp16 too), all 77 positions
         fp16 = data.Backbone(**{**backbone.__dict__, "model": copy.deepcopy(backbone.model).half()})
         model, optimizer = build(module, fp16, names, method, args, device, truncate=False)
@@ -200,12 +225,13 @@ def bench_method(backbone, names, method, args, device):
 def print_table(results, device):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     baseline = "official" if device.type == "cuda" else "full"
-    print(f"\ndevice: {name}, torch {torch.__version__}; median ms per training step, ratio = {baseline} / variant")
+    print(f"\ndevice: {name}, torch {torch.__version__}; median ms per training step, ratio = {baseline} / variant "
+          "(full / variant where a method has no official pattern here)")
     head = f"{'method':>19} {'batch':>5} {'cls':>4} {'tok':>4} | " + " | ".join(
         f"{v:>17}" for v in ("official", "full", "eager", "captured"))
-    print(head + " | kernel ms (count); vprompt: coop.py's eager step it builds on, and eager vprompt / coop")
+    print(head + " | kernel ms (count); then coop.py's eager step the method builds on, and method / coop")
     for r in results:
-        base = r["times"].get(baseline)
+        base = r["times"].get(baseline) or r["times"]["full"]
         cells = []
         for v in ("official", "full", "eager", "captured"):
             t = r["times"].get(v)
@@ -219,7 +245,7 @@ def print_table(results, device):
                        f" 20-step loss max |eager - captured| {r['loss_max_diff']:.2e}")
         if "builds_on" in r:
             other, t = r["builds_on"]
-            kernel += f" | {other} eager {1e3 * t:.2f} ms, vprompt / {other} {r['times']['eager'] / t:.2f}x"
+            kernel += f" | {other} eager {1e3 * t:.2f} ms, {r['method']} / {other} {r['times']['eager'] / t:.2f}x"
         print(f"{r['method']:>19} {r['batch']:>5} {r['classes']:>4} {r['longest']:>4} | " + " | ".join(cells) + kernel)
 
 

@@ -30,3 +30,12 @@ def test_step_benchmark_times_vprompt_beside_the_coop_step_it_builds_on(capsys):
     assert [r["builds_on"][0] for r in results] == ["coop", "cocoop"] and all(r["batch"] == 1 for r in results)
     assert all(r["builds_on"][1] > 0 and set(r["times"]) == {"full", "eager"} for r in results)
     assert "vprompt / cocoop" in capsys.readouterr().out
+
+
+def test_step_benchmark_times_promptsrc_against_coop_on_the_same_batch(capsys):
+    results = bench_steps.main(["--method", "promptsrc", "--model", "tiny", "--pretrained", "shapes", "--classes",
+                                "world", "--steps", "1", "--repeats", "1", "--device", "cpu"])
+    assert [(r["method"], r["batch"]) for r in results] == [("promptsrc", 4)]
+    assert set(results[0]["times"]) == {"full", "eager"} and all(t > 0 for t in results[0]["times"].values())
+    assert results[0]["builds_on"][0] == "coop" and results[0]["builds_on"][1] > 0
+    assert "promptsrc / coop" in capsys.readouterr().out
