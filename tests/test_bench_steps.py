@@ -29,7 +29,7 @@ def test_step_benchmark_times_vprompt_beside_the_coop_step_it_builds_on(capsys):
     assert [r["method"] for r in results] == ["vprompt", "vprompt-conditional"]
     assert [r["builds_on"][0] for r in results] == ["coop", "cocoop"] and all(r["batch"] == 1 for r in results)
     assert all(r["builds_on"][1] > 0 and set(r["times"]) == {"full", "eager"} for r in results)
-    assert "vprompt / cocoop" in capsys.readouterr().out
+    assert "vprompt-conditional / cocoop" in capsys.readouterr().out
 
 
 def test_step_benchmark_times_promptsrc_against_coop_on_the_same_batch(capsys):
