@@ -13,7 +13,9 @@ if not _has_gpu:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
+import signal
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +33,21 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def kill_after_epochs(proc, run_dir, epochs=3, wait_s=900):
+    """SIGKILL a running method script once its checkpoint records `epochs` finished epochs (or after
+    wait_s, a generous bound for a loaded machine, not a timed assertion); returns the epoch it
+    stopped at, as the checkpoint on disk says."""
+    checkpoint = Path(run_dir) / "checkpoint.pt"
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            if torch.load(checkpoint, weights_only=True)["epoch"] >= epochs:
+                break
+        except Exception:  # not written yet, or being replaced
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return torch.load(checkpoint, weights_only=True)["epoch"]

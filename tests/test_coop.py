@@ -20,6 +20,7 @@ from PIL import Image
 
 import coop
 import data
+from conftest import kill_after_epochs
 
 # A random-init CLIP small enough for CPU tests, with OpenAI CLIP's 77-token text context.
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,17 +286,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
             f"runpy.run_path('coop.py', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a few completed epochs, then kill without warning
-        try:
-            if torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] >= 3:
-                break
-        except Exception:  # not written yet
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    stopped_at = kill_after_epochs(proc, killed)  # after 3 finished epochs, without warning
     assert 3 <= stopped_at < 40 and not (killed / "results.json").exists()
     stdout = run_coop("--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON, cwd=tmp_path)
     assert f"resuming after epoch {stopped_at}" in stdout

@@ -7,10 +7,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import open_clip
@@ -22,6 +20,7 @@ import data
 import kernels
 import promptsrc
 from test_coop import NAMES, caltech_fixture, images
+from conftest import kill_after_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 # A random-init CLIP small enough for CPU tests, deep enough to see prompts stop at a depth (4 blocks each).
@@ -450,17 +449,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result_gpa_inclu
     killed = tmp_path / "runs" / "killed"
     proc = subprocess.Popen([sys.executable, "-c", script(runs["killed"], tmp_path / "prompts" / "killed")],
                             cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
-    deadline = time.time() + 900  # a generous wait on a loaded machine, not a timed assertion
-    while time.time() < deadline:  # wait for a few completed epochs, then kill without warning
-        try:
-            if torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] >= 3:
-                break
-        except Exception:  # not written yet
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    stopped_at = kill_after_epochs(proc, killed)  # after 3 finished epochs, without warning
     assert 3 <= stopped_at < 30 and not (killed / "results.json").exists()
     resume = script(["--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON], tmp_path / "prompts" / "killed")
     proc = subprocess.run([sys.executable, "-c", resume], cwd=project, env=env(), capture_output=True, text=True,

@@ -7,10 +7,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from PIL import Image
 import data
 import kernels
 import proreg
+from conftest import kill_after_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NAME = "proreg-test-tiny"  # a random-init CLIP small enough for CPU tests
@@ -300,17 +299,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     whole, killed = tmp_path / "runs" / "whole", tmp_path / "runs" / "killed"
     launch(tmp_path, *fixture_run(tmp_path, *epochs, name="whole"))
     proc = launch(tmp_path, *fixture_run(tmp_path, *epochs, name="killed"), wait=False)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a few completed epochs, then kill without warning
-        try:
-            if torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] >= 3:
-                break
-        except Exception:  # not written yet
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    stopped_at = kill_after_epochs(proc, killed)  # after 3 finished epochs, without warning
     assert 3 <= stopped_at < 30 and not (killed / "results.json").exists()
     stdout = launch(tmp_path, "--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON)
     assert f"resuming after epoch {stopped_at}" in stdout

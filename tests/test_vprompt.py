@@ -6,10 +6,8 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import open_clip
 import pytest
@@ -20,6 +18,7 @@ import coop
 import data
 import vprompt
 from test_coop import COMMON, NAMES, TINY, TINY_NAME, caltech_fixture, clip, images, settings  # noqa: F401 (a fixture)
+from conftest import kill_after_epochs
 
 OFF = -1e4  # a log-variance whose standard deviation exp(OFF / 2) is exactly 0 in fp32
 
@@ -282,17 +281,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     whole, killed = tmp_path / "runs" / "whole", tmp_path / "runs" / "killed"
     run_script(fixture_run(tmp_path, *train, name="whole"), cwd)
     proc = run_script(fixture_run(tmp_path, *train, name="killed"), cwd, wait=False)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a few completed epochs, then kill without warning
-        try:
-            if torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] >= 3:
-                break
-        except Exception:  # not written yet
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    stopped_at = kill_after_epochs(proc, killed)  # after 3 finished epochs, without warning
     assert 3 <= stopped_at < 30 and not (killed / "results.json").exists()
     stdout = run_script(["--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON], cwd)
     assert f"resuming after epoch {stopped_at}" in stdout
