@@ -27,7 +27,7 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_default_protocol_gives_the_numbers_of_the_code_before_protocols(runs):
+def test_default_protocol_is_base2new_with_its_pinned_numbers(runs):
     run, record = runs["base2new"]
     assert coop.parse_args([]).protocol == "base2new"
     assert record["protocol"] == "base2new" and record["all"] is None and record["transfer"] == {}
