@@ -158,3 +158,16 @@ def test_the_old_data_py_commands_point_to_the_world():
     proc = subprocess.run([sys.executable, str(ROOT / "data.py"), "pretrain"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "python -m world pretrain" in proc.stderr
+
+
+def test_a_checkpoint_made_with_another_config_loads_with_the_config_it_carries(tmp_path):
+    config = {**tiny_clip.TINY_CONFIG, "vision_cfg": {**tiny_clip.TINY_CONFIG["vision_cfg"], "width": 64, "layers": 2}}
+    torch.manual_seed(0)
+    model = tiny_clip.build_tiny_clip(config)
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    table = state.pop("token_embedding.weight")
+    ids = torch.arange(5)
+    torch.save({"config": config, "state_dict": state, "token_ids": ids, "token_rows": table[ids]}, tmp_path / "x.pt")
+    loaded = tiny_clip.load_tiny_clip(tmp_path / "x.pt")
+    assert loaded.visual.conv1.out_channels == 64 and len(loaded.visual.transformer.resblocks) == 2
+    assert torch.equal(loaded.visual.conv1.weight, model.visual.conv1.weight.half().float())
