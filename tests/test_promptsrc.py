@@ -3,6 +3,7 @@ on change exactly the blocks they should), each loss term against its formula, G
 weighted sum of the per-epoch prompts (also across a SIGKILL and --resume), the fused kernels against the
 readable PyTorch path, and end-to-end runs on a tiny Caltech101 fixture that --evaluate reproduces."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -526,3 +527,29 @@ def test_the_script_prints_a_usage_error_as_one_line_and_exits_2(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --gpa-std must be a finite number > 0, got -1.0"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("cached", [True, False])
+def test_captured_step_gives_the_eager_losses_on_cuda(clip, cached):
+    """The step replayed as a CUDA graph (fused loss kernel inside) gives the eager step's losses and
+    prompts, with the frozen image features cached or computed per batch."""
+    gpu_clip = copy.deepcopy(clip).cuda()
+    models = []
+    for _ in range(2):
+        model = prompted(gpu_clip).cuda()
+        model.set_frozen_text_features(NAMES, ["a photo of a {}.", "a drawing of a {}."])
+        learned = [p for p in model.parameters() if p.requires_grad]
+        models.append((model, promptsrc.sgd(learned, argparse.Namespace(lr=0.0025, momentum=0.9, weight_decay=5e-4),
+                                            torch.device("cuda"))))
+    batches = []
+    for i in range(4):
+        x, y = images(4, seed=i).cuda(), torch.tensor([0, 1, 2, 3]).cuda()
+        with torch.no_grad():
+            batches.append((x, y, models[0][0].encode_image(x, prompted=False)) if cached else (x, y))
+    (eager, opt_eager), (captured, opt_captured) = models
+    expected = [promptsrc.train_step(eager, opt_eager, *b)[0].item() for b in batches]
+    step = promptsrc.CapturedStep(promptsrc.train_step, captured, opt_captured)
+    assert [step(*b)[0].item() for b in batches] == pytest.approx(expected, rel=1e-3)
+    for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

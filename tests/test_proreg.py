@@ -3,6 +3,7 @@ plain fine-tuning, the fused kernel against the readable form, the head starting
 teacher's cached logits, gradient accumulation and two DDP processes against one, resume after a SIGKILL,
 re-evaluation, input validation and the NaN guard; and the world's biased task (the bias is in the pixels
 of the training split and not in the off-bias test)."""
+import copy
 import json
 import math
 import os
@@ -429,3 +430,27 @@ def test_the_cue_is_in_the_pixels(biased):
     accuracy = lambda f, labels: (torch.cdist(f, centroids).argmin(1) == labels).float().mean().item()  # noqa: E731
     assert accuracy(x, y) > 0.8
     assert accuracy(*fill_colour(bench.shifts["offbias"])) < 0.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", ["proreg", "fixed", "finetune"])
+def test_captured_step_gives_the_eager_losses_on_cuda(clip, method):
+    """The AdamW step replayed as a CUDA graph (fused loss, lr read on the device) gives the eager step's
+    losses and weights, also after the schedule changes the lr."""
+    args = settings(method=method, lr=1e-4, head_lr_mult=100.0, weight_decay=0.01)
+    models = []
+    for _ in range(2):
+        model = proreg.FineTunedCLIP(copy.deepcopy(clip).cuda(), torch.randn(5, 32, generator=torch.Generator()
+                                                                               .manual_seed(3)).cuda())
+        models.append((model, proreg.adamw(model, args, torch.device("cuda"))))
+    batches = [(images(4, seed=i).cuda(), torch.tensor([0, 1, 2, 3]).cuda(),
+                torch.randn(4, 5, generator=torch.Generator().manual_seed(10 + i)).cuda() * 3) for i in range(6)]
+    (eager, opt_eager), (captured, opt_captured) = models
+    step_fn = lambda m, o, *b: proreg.train_step(m, o, *b, args=args, use_kernel=True)  # noqa: E731
+    step = proreg.CapturedStep(step_fn, captured, opt_captured)
+    for factor, part in ((1.0, batches[:3]), (0.25, batches[3:])):
+        proreg.set_lr(opt_eager, factor), proreg.set_lr(opt_captured, factor)
+        expected = [step_fn(eager, opt_eager, *b)[0].item() for b in part]
+        assert [step(*b)[0].item() for b in part] == pytest.approx(expected, rel=1e-3)
+    for a, b in zip(eager.parameters(), captured.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -3,6 +3,7 @@ KL term is the Gaussian closed form; the prediction is the log of the Monte Carl
 per-image prompts at any batch size; seeded sampling (reproducible per seed, across a SIGKILL and
 --resume, and by --evaluate, at any test batch size); end-to-end runs on the tiny Caltech101 fixture."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -305,3 +306,27 @@ def test_a_non_finite_loss_stops_the_run_with_epoch_and_step_and_records_nothing
     run = tmp_path / "runs" / "run1"
     assert not (run / "results.json").exists() and not (run.parent / "results.jsonl").exists()
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good epoch stays
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("conditional", [False, True])
+def test_captured_step_gives_the_eager_losses_and_fresh_draws_on_cuda(clip, conditional):
+    """At zero variance (every draw is the mean) the step replayed as a CUDA graph gives the eager step's
+    losses and parameters; with variance, each replay draws new residuals (lr 0: the same batch, other losses)."""
+    gpu_clip = copy.deepcopy(clip).cuda()
+    paper = argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4)
+    batches = [(images(4, seed=i).cuda(), torch.tensor([0, 1, 2, 3]).cuda()) for i in range(4)]
+    eager, captured = (zero_variance(model_of(gpu_clip, conditional=conditional)).cuda() for _ in range(2))
+    opt_eager, opt_captured = (vprompt.sgd([p for p in m.parameters() if p.requires_grad], paper, torch.device("cuda"))
+                               for m in (eager, captured))
+    expected = [vprompt.train_step(eager, opt_eager, x, y)[0].item() for x, y in batches]
+    step = vprompt.CapturedStep(vprompt.train_step, captured, opt_captured)
+    assert [step(x, y)[0].item() for x, y in batches] == pytest.approx(expected, rel=1e-3)
+    for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    noisy = model_of(gpu_clip, conditional=conditional).cuda()
+    frozen = vprompt.sgd([p for p in noisy.parameters() if p.requires_grad],
+                         argparse.Namespace(lr=0.0, momentum=0.9, weight_decay=0.0), torch.device("cuda"))
+    step = vprompt.CapturedStep(vprompt.train_step, noisy, frozen)
+    losses = [step(*batches[0])[0].item() for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 3
