@@ -36,6 +36,9 @@ Differs from the official code (saic-fi/Bayesian-Prompt-Learning, trainers/vpt.p
 - open_clip instead of OpenAI's clip package; fp32 learned tensors with bf16 autocast on CUDA (the
   official code runs fp16); the text transformer runs only up to the longest prompt's end-of-text token
   (exact); the context length M of --ctx-init counts BPE tokens (the official code counts words).
+- the C prompts of one draw share their first 1 + M tokens, [SOS][V + r]; under the causal mask those
+  positions never see the class tokens, so the text transformer computes them once per draw and the
+  class positions attend to them (SharedPrefixTextEncoder: the same features, about half the work).
 - the conditional variant builds the prompts of every (image, sample, class) explicitly, so any batch
   size works; the official code adds the [L, B, d] residuals to the [1, M, d] context by broadcasting,
   which is right only at batch 1 (its configs use batch 1 for training and test). The KL term is the
@@ -252,6 +255,46 @@ class TextEncoder(nn.Module):
 # ==== end shared block ====
 
 
+class SharedPrefixTextEncoder(nn.Module):
+    """TextEncoder for prompts that come in groups sharing their first P tokens: the C prompts of one draw r
+    are [SOS][V + r] followed by each class's own tokens. Position i attends only to positions <= i (the
+    causal mask), so the P shared positions never see a class token and their activations are the same in
+    all C prompts: they are computed once per group, and each class position attends to them and to the
+    class positions before it. The features equal TextEncoder's on the whole prompts (tested), with the
+    transformer's work on the shared positions done once instead of C times (for "a photo of a" and short
+    class names, about half of it)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder  # its blocks, positional embedding, final norm and projection
+
+    def forward(self, shared, tails, eot):
+        """shared: [N, P, d] embeddings of the shared positions of N groups; tails: [C, T, d] the class
+        positions (the same in every group); eot: [C] EOT positions in the whole prompt (>= P).
+        Returns features [N, C, D]."""
+        enc = self.text_encoder
+        (n, p, d), (n_cls, t) = shared.shape, tails.shape[:2]
+        x = shared + enc.positional_embedding[:p]  # [N, P, d]
+        y = (tails + enc.positional_embedding[p:p + t]).expand(n, -1, -1, -1).reshape(n * n_cls, t, d)  # [N*C, T, d]
+        # class position i (position P + i of the whole prompt) sees the P shared positions and class positions <= i
+        mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
+        for block in enc.resblocks:  # open_clip's ResidualAttentionBlock, its attention written out
+            attn = block.attn
+            heads = lambda z: z.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # noqa: E731 [., h, len, d/h]
+            q_x, k_x, v_x = map(heads, F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+            q_y, k_y, v_y = map(heads, F.linear(block.ln_1(y), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+            out_x = F.scaled_dot_product_attention(q_x, k_x, v_x, is_causal=True)  # [N, h, P, d/h]
+            k = torch.cat([k_x.repeat_interleave(n_cls, dim=0), k_y], dim=2)  # [N*C, h, P+T, d/h]
+            v = torch.cat([v_x.repeat_interleave(n_cls, dim=0), v_y], dim=2)
+            out_y = F.scaled_dot_product_attention(q_y, k, v, attn_mask=mask)  # [N*C, h, T, d/h]
+            x = x + block.ls_1(attn.out_proj(out_x.transpose(1, 2).flatten(2)))
+            y = y + block.ls_1(attn.out_proj(out_y.transpose(1, 2).flatten(2)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            y = y + block.ls_2(block.mlp(block.ln_2(y)))
+        y = y.view(n, n_cls, t, d)[:, torch.arange(n_cls, device=y.device), eot - p]  # [N, C, d] at each EOT
+        return enc.ln_final(y) @ enc.text_projection  # [N, C, D]
+
+
 # ------------------------------------------------------------------------------------------ the method
 def inference_block(n_in, n_out):
     """One head of the amortised posterior (the official InferenceBlock): Linear(D, D/2) - ELU -
@@ -263,8 +306,8 @@ def inference_block(n_in, n_out):
 
 class PromptLearner(nn.Module):
     """The learned context V [M, d] and the variational posterior q(r) of the residual r [d] that is added
-    to every context token. Returns the prompt embeddings [SOS][V + r][CLASS][.][EOS][pad] for the current
-    class names, one prompt per (residual, class)."""
+    to every context token. Gives the prompt embeddings [SOS][V + r][CLASS][.][EOS][pad] for the current
+    class names, one prompt per (residual, class), as the part every class shares and the class tokens."""
 
     def __init__(self, clip, tokenize, classnames, args):
         super().__init__()
@@ -326,14 +369,12 @@ class PromptLearner(nn.Module):
         return self.meta_net["mean"](image_features).float(), self.meta_net["logvar"](image_features).float()
 
     def forward(self, residuals):
-        """residuals: [n, L, d], L samples of r for each of n posteriors. Returns prompts [n, L, C, len, d]
-        and eot [C]."""
-        n, n_samples = residuals.shape[:2]
-        n_cls = len(self.eot)
-        ctx = self.ctx + residuals[:, :, None, :]  # [n, L, M, d]: v_m + r, the same r for every context token
-        ctx = ctx[:, :, None].expand(-1, -1, n_cls, -1, -1)  # [n, L, C, M, d]
-        prefix, suffix = (t.expand(n, n_samples, -1, -1, -1) for t in (self.token_prefix, self.token_suffix))
-        return torch.cat([prefix, ctx, suffix], dim=-2), self.eot
+        """residuals: [N, d], one sample of r each. The prompt of (sample, class c) is [SOS][V + r][CLASS_c][.][EOS]
+        [pad]: returns its first 1 + M tokens, which every class shares, [N, 1 + M, d], the class tokens
+        [C, len - 1 - M, d], which every sample shares, and the EOT positions eot [C]."""
+        ctx = self.ctx + residuals[:, None, :]  # [N, M, d]: v_m + r, the same r for every context token
+        sos = self.token_prefix[:1].expand(len(residuals), -1, -1)  # [N, 1, d]
+        return torch.cat([sos, ctx], dim=1), self.token_suffix, self.eot
 
 
 def kl_to_prior(mean, logvar):
@@ -352,7 +393,7 @@ class PromptedCLIP(nn.Module):
         super().__init__()
         self.clip = clip.eval().requires_grad_(False)
         self.prompt_learner = PromptLearner(clip, tokenize, classnames, args)
-        self.text_encoder = TextEncoder(clip)
+        self.text_encoder = SharedPrefixTextEncoder(TextEncoder(clip))
         self.samples = args.samples  # L
         self.sampler = torch.Generator()  # evaluation's draws (CPU), seeded per test split by seed_sampling
 
@@ -378,11 +419,11 @@ class PromptedCLIP(nn.Module):
 
     def text_features(self, residuals):
         """[n, L, C, D] normalised class features of the prompts built with each residual [n, L, d]: all
-        n * L * C prompts through the text encoder in one pass."""
-        prompts, eot = self.prompt_learner(residuals)  # [n, L, C, len, d]
-        n, n_samples, n_cls = prompts.shape[:3]
-        features = self.text_encoder(prompts.flatten(0, 2), eot.repeat(n * n_samples))  # [n*L*C, D]
-        return F.normalize(features.float(), dim=-1).view(n, n_samples, n_cls, -1)
+        n * L * C prompts through the text encoder in one pass (their shared first tokens once per draw)."""
+        n, n_samples = residuals.shape[:2]
+        shared, tails, eot = self.prompt_learner(residuals.flatten(0, 1))  # [n*L, 1+M, d], [C, T, d], [C]
+        features = self.text_encoder(shared, tails, eot)  # [n*L, C, D]
+        return F.normalize(features.float(), dim=-1).view(n, n_samples, len(eot), -1)
 
     def class_text_features(self):
         """[1, L, C, D]: the class features of L residuals drawn once per evaluation and used for every test
