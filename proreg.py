@@ -37,8 +37,9 @@ Differs from the official code (BeierZhu/ProReg, a ViLT/Lightning scaffold aroun
 - the frozen teacher is not a second model: where the training transform is deterministic (the offline
   world), the teacher's logits of every training image are computed once before training, with the
   very weights that are then fine-tuned; zero-shot features of every test set likewise. Only with
-  random augmentation (real data) is a frozen copy of the image encoder kept (no text tower copy: its
-  class features are a fixed [C, D] tensor).
+  random augmentation (real data), and only for the objectives that read the teacher (proreg, fixed), is
+  a frozen copy of the image encoder kept (no text tower copy: its class features are a fixed [C, D]
+  tensor).
 - the weight formula: --weight code (default) is the active form of the official losses.py, quoted
   above. The paper's printed formula could not be read here (only its abstract was reachable), so
   --weight xerm offers the form left commented out beside it, w = CE_ft / (CE_ft + CE_zs + 1e-5)
@@ -544,7 +545,8 @@ def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
 class TrainingSet:
     """The training images with their teacher logits. Deterministic transform: every image preprocessed once
     ([N, 3, H, W]) and its zero-shot logits computed once with the frozen encoder, before any update. Random
-    augmentation: a loader, and a frozen copy of the image encoder that scores each augmented batch."""
+    augmentation: a loader, and a frozen copy of the image encoder that scores each augmented batch, for the
+    objectives that read the teacher (proreg, fixed); the others (cross-entropy only) get zeros in its place."""
 
     def __init__(self, items, benchmark, backbone, zs_text, args, device):
         self.args, self.device, self.n = args, device, len(items)
@@ -554,7 +556,8 @@ class TrainingSet:
         self.zs_text, self.zs_scale = F.normalize(zs_text, dim=-1), backbone.model.logit_scale.exp().detach()
         if benchmark.augment:
             self.images = self.teacher_logits = None
-            self.teacher = copy.deepcopy(backbone.model.visual).eval().requires_grad_(False)
+            needs_teacher = args.method in ("proreg", "fixed")  # finetune / ensemble: CE only, no second encoder
+            self.teacher = copy.deepcopy(backbone.model.visual).eval().requires_grad_(False) if needs_teacher else None
         else:
             print(f"no training augmentation on {args.dataset}: the teacher's logits of the {self.n} training "
                   f"images are computed once, before training (exact)")
@@ -585,7 +588,8 @@ class TrainingSet:
                                              pin_memory=self.device.type == "cuda")
         for x, y, _ in loader:
             x = x.to(self.device, non_blocking=True)
-            yield x, y.to(self.device, non_blocking=True), self.zero_shot_logits(x)
+            zs_logits = self.zero_shot_logits(x) if self.teacher is not None else x.new_zeros(len(x), len(self.zs_text))
+            yield x, y.to(self.device, non_blocking=True), zs_logits
 
 
 # ------------------------------------------------------------------------------------------ the run

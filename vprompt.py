@@ -278,9 +278,10 @@ class SharedPrefixTextEncoder(nn.Module):
         y = (tails + enc.positional_embedding[p:p + t]).expand(n, -1, -1, -1).reshape(n * n_cls, t, d)  # [N*C, T, d]
         # class position i (position P + i of the whole prompt) sees the P shared positions and class positions <= i
         mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
+        n_heads = enc.resblocks[0].attn.num_heads
+        heads = lambda z: z.unflatten(-1, (n_heads, -1)).transpose(1, 2)  # noqa: E731 [., len, d] -> [., h, len, d/h]
         for block in enc.resblocks:  # open_clip's ResidualAttentionBlock, its attention written out
             attn = block.attn
-            heads = lambda z: z.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # noqa: E731 [., h, len, d/h]
             q_x, k_x, v_x = map(heads, F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
             q_y, k_y, v_y = map(heads, F.linear(block.ln_1(y), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
             out_x = F.scaled_dot_product_attention(q_x, k_x, v_x, is_causal=True)  # [N, h, P, d/h]
@@ -357,7 +358,7 @@ class PromptLearner(nn.Module):
         ids = ids[:, :length]
         with torch.no_grad():
             emb = self.token_embedding(ids).float()  # [C, n, d]
-        self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # SOS [C, 1, d]
+        self.register_buffer("token_prefix", emb[:1, :1], persistent=False)  # SOS [1, 1, d], the same in every prompt
         self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # CLASS . EOS pad
         self.register_buffer("eot", eot, persistent=False)
 
@@ -373,7 +374,7 @@ class PromptLearner(nn.Module):
         [pad]: returns its first 1 + M tokens, which every class shares, [N, 1 + M, d], the class tokens
         [C, len - 1 - M, d], which every sample shares, and the EOT positions eot [C]."""
         ctx = self.ctx + residuals[:, None, :]  # [N, M, d]: v_m + r, the same r for every context token
-        sos = self.token_prefix[:1].expand(len(residuals), -1, -1)  # [N, 1, d]
+        sos = self.token_prefix.expand(len(residuals), -1, -1)  # [N, 1, d]
         return torch.cat([sos, ctx], dim=1), self.token_suffix, self.eot
 
 
@@ -762,8 +763,8 @@ def evaluation_sets(benchmark, targets, train_names, protocol) -> dict:
 # ------------------------------------------------------------------------------------------ saved runs
 def save_training(path, args, epoch, model, optimizer, train_loader, train_fit):
     """After each epoch, atomically: the learned tensors and everything the next epoch depends on (the
-    optimiser state, the random states of Python, NumPy, torch and the loader's shuffling, which draws the
-    residuals), and the epoch's training loss and accuracy (train_fit). Plain tensors, numbers and strings
+    optimiser state, the random states of Python, NumPy, torch and CUDA (torch's draw the residuals) and of
+    the loader's shuffling), and the epoch's training loss and accuracy (train_fit). Plain tensors, numbers and strings
     only, so that it loads with weights_only=True."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     data.atomic_save({

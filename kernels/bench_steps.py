@@ -170,7 +170,7 @@ def kernel_time(step, batch, device):
 
 
 def bench_method(backbone, names, method, args, device):
-    module = method_file(method)  # the file whose model and train_step are timed (coop.py or vprompt.py)
+    module = method_file(method)  # the file whose model and train_step are timed
     batch_size = args.batch_size or PAPER_BATCH[method]
     size = backbone.image_size
     gen = torch.Generator().manual_seed(0)
@@ -208,7 +208,7 @@ def bench_method(backbone, names, method, args, device):
             losses[name] = torch.stack([step(x, y)[0] for x, y in batches]).float().cpu()
         out["loss_max_diff"] = float((losses["eager"] - losses["captured"]).abs().max())
         out["losses"] = losses["eager"].tolist(), losses["captured"].tolist()
-    if device.type == "cuda" and method != "promptsrc":  # PromptSRC has no official pattern here
+    if device.type == "cuda" and method in ("coop", "cocoop"):  # the only methods with an official pattern here
         # the official pattern: a separate fp16 copy of CLIP (prompts in fp16 too), all 77 positions
         fp16 = data.Backbone(**{**backbone.__dict__, "model": copy.deepcopy(backbone.model).half()})
         model, optimizer = build(module, fp16, names, method, args, device, truncate=False)

@@ -454,3 +454,35 @@ def test_captured_step_gives_the_eager_losses_on_cuda(clip, method):
         assert [step(*b)[0].item() for b in part] == pytest.approx(expected, rel=1e-3)
     for a, b in zip(eager.parameters(), captured.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("where, method", [("world", "proreg"), ("caltech", "proreg"), ("caltech", "finetune")])
+def test_training_batches_carry_the_zero_shot_teachers_logits(tmp_path, monkeypatch, where, method):
+    """The world (no augmentation): the teacher's logits are computed once and each batch carries its rows.
+    Real data (RandAugment): a frozen copy of the encoder scores each augmented batch, only for the
+    objectives that read it; plain fine-tuning gets zeros and no second encoder."""
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    backbone = data.load_backbone(TINY_NAME, None)
+    if where == "world":
+        benchmark = data.load_dataset("shapes_biased", None)
+    else:
+        caltech_fixture(tmp_path)
+        benchmark = data.load_dataset("caltech101", tmp_path)
+    assert benchmark.augment == (where == "caltech")
+    items = benchmark.train[:12]
+    zs_text = proreg.prompt_features(backbone.model, backbone.tokenize, benchmark.classnames, "a photo of a {}.")
+    args = settings(method=method, batch_size=4, test_batch_size=4, workers=0, seed=1)
+    train_set = proreg.TrainingSet(items, benchmark, backbone, zs_text, args, torch.device("cpu"))
+    assert (train_set.teacher is None) == (where == "world" or method == "finetune")
+    zero_shot = proreg.Classifier(F.normalize(zs_text, dim=-1), backbone.model.logit_scale)
+    batches = list(train_set.batches(epoch=0, rank=0, world_size=1))
+    assert len(batches) == 3
+    for x, y, zs_logits in batches:
+        assert zs_logits.shape == (4, len(benchmark.classnames))
+        if method == "finetune":
+            assert not zs_logits.any()
+        else:
+            with torch.no_grad():
+                expected = zero_shot(F.normalize(backbone.model.encode_image(x).float(), dim=-1))
+            torch.testing.assert_close(zs_logits, expected, rtol=1e-5, atol=1e-5)
+            assert zs_logits.std() > 0

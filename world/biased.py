@@ -18,11 +18,11 @@ import functools
 import torch
 from PIL import Image
 
+from data import WORLD_BIASED as BIAS_TASK  # the task's name, defined once in data.py
 from data import Benchmark, Item
 from world.shapes import (WORLD_BACKGROUNDS, WORLD_COLOURS, WORLD_SHAPES, WORLD_SIZES, WORLD_STYLES,
                           world_generator, world_render)
 
-BIAS_TASK = "shapes_biased"
 BIAS_STYLE = "photo"  # the task's own style (the pretraining domain: zero-shot is strong there)
 BIAS_ON_CUE = 0.99  # P(a shape has its class's colour) in the biased splits
 # Per-class counts: the training split is small enough for the default run's time budget.
