@@ -55,8 +55,7 @@ API CONTRACT (used by the method files; keep these names and meanings):
   check_float(name, value, minimum=None, above=None, below=None): setting checks that raise
       UsageError, e.g. check_float("--lr", args.lr, above=0) -> "--lr must be a finite number > 0, got nan"
 
-Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80) and
-IMAGENET_TEMPLATES_SELECT, CLIP_MEAN/CLIP_STD, DATASETS (the registry of real datasets),
+Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD, DATASETS (the registry of real datasets),
 make_transform(backbone, train), read_results(dir), results_table(records).
 """
 from __future__ import annotations
@@ -72,14 +71,17 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 # ==================================================================================================
 # 1. Types
@@ -399,10 +401,6 @@ IMAGENET_TEMPLATES = [
     "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 ]
 # The 7 that CoOp's ZeroshotCLIP2 ensembles.
-IMAGENET_TEMPLATES_SELECT = [
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-]
 
 CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")  # clutter class, and a duplicate of Faces
 CALTECH_RENAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
@@ -1039,19 +1037,12 @@ def _mean_std(values: list) -> str:
     return f"{statistics.fmean(values):.2f} ± {std:.2f}"
 
 
-# Run arguments that do not change the numbers: where a run ran and what it wrote, not what it
-# learned (plus anything path-like: *_dir, *_file, *_path). Every other argument tells groups apart.
-NOT_SETTINGS = {"seed", "output_dir", "results_file", "workers", "device", "root", "download", "overwrite",
-                "resume", "evaluate", "eager", "test_batch_size", "no_truncate", "eval_datasets",
-                "eval_only", "bench_steps"}  # the last two: flags of earlier versions of coop.py
-
-
 def _settings(record: dict) -> dict:
-    """The settings of a run that change its numbers: its args (see NOT_SETTINGS) and `protocol` (a record
-    without one is base-to-new, the only protocol before the key existed)."""
-    args = record.get("args") or {}
-    out = {k: v for k, v in args.items() if k not in NOT_SETTINGS and not k.endswith(("_dir", "_file", "_path"))}
-    out["protocol"] = record.get("protocol", "base2new")
+    """The settings of a run that change its numbers: its args but LOCAL_SETTINGS, the seed (averaged
+    over), the other datasets (columns of their own) and anything path-like (*_dir, *_file, *_path)."""
+    ignored = (*LOCAL_SETTINGS, "seed", "eval_datasets")
+    out = {k: v for k, v in (record.get("args") or {}).items() if k not in ignored and not k.endswith(("_dir", "_file", "_path"))}
+    out["protocol"] = record["protocol"]
     return out
 
 
@@ -1078,7 +1069,7 @@ def _show(value) -> str:
 def results_table(records: list) -> str:
     """Markdown table: mean ± std over runs per (method, dataset, backbone/tag, shots, settings), with
     a zero-shot row from the runs' own zero-shot numbers and one column per shifted test set. Runs
-    whose settings differ (any argument but those in NOT_SETTINGS, e.g. lr, epochs, n_ctx) are never
+    whose settings differ (any argument but LOCAL_SETTINGS and the seed, e.g. lr, epochs, n_ctx) are never
     averaged together; a 'settings' column then shows the ones that differ between rows that would
     otherwise look alike. 'runs' counts records (a repeated seed counts twice, as it is averaged twice).
     HM is the HM of the mean base and mean new accuracies, and each 'average' row takes the HM of the
@@ -1137,6 +1128,417 @@ def results_table(records: list) -> str:
     return "\n".join(rows)
 
 
+# ==================================================================================================
+# 8. Runs: the machinery every method file shares
+# ==================================================================================================
+# A method file keeps its flags and paper settings, its model, objective, step, optimiser and
+# schedule; everything else a run does is here, once. Its main reads as the recipe:
+#
+#     args, saved, out, device = data.start_run(args, "coop", resolve_settings, check_settings)
+#     seed_everything(args.seed); task = data.load_task(args, device); model = ...(task)
+#     data.make_run_folder(out, args, saved)          # a new run, once everything could be built
+#     items = data.training_items(task, args, out)    # few-shot sample of the training classes
+#     ... optimiser; start = data.restore_checkpoint(saved, model, optimizer, generator) ...
+#     for epoch in data.epoch_bar(args, start):
+#         ... steps ...; fit = data.epoch_fit(losses, correct, seen, epoch)
+#         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer, generator, fit)
+#     record = evaluate_run(...)   # its own: data.evaluation_sets, data.evaluate, data.ZeroShotCLIP,
+#     data.finish_run(out, record, args, start_time)   # data.result_record, data.print_results
+
+PROTOCOLS = {"base2new": "base", "all": "all", "cross": "all"}  # protocol -> the classes it trains on
+
+# Settings that say where and how a run executes, not what it learns. A resumed or re-evaluated run
+# takes these from its command line and every other setting from its saved args; the results table
+# does not tell runs apart by them (nor by the seed, which it averages over).
+LOCAL_SETTINGS = ("resume", "evaluate", "root", "download", "device", "workers", "test_batch_size", "eager",
+                  "results_file", "output_dir", "overwrite", "no_truncate", "loss_impl")
+MAX_SEED = 2 ** 32 - 1  # NumPy's seeds are 32-bit
+
+
+def add_run_flags(parser, *, dataset="shapes", protocol="base2new", shots=16, shots_help=None,
+                  epochs_help="training epochs", batch_help="training batch size") -> None:
+    """The flags every method file has, with their defaults; the method adds its own before these."""
+    a = parser.add_argument
+    a("--dataset", default=dataset, help="benchmark name for data.load_dataset (shapes = the built-in offline "
+      "world; the papers: the 11 CoOp datasets, e.g. caltech101)")
+    a("--root", default="~/data", help="folder holding the datasets in CoOp's layout, as DATASET.ROOT")
+    a("--download", action="store_true",
+      help="let data.py download what torchvision can download (the papers: manual download)")
+    a("--model", default=None, help="open_clip model name; default: data.default_backbone(dataset)")
+    a("--pretrained", default=None,
+      help="open_clip pretrained tag, 'none' for random init; required with --model (paper: openai)")
+    a("--protocol", default=protocol, choices=list(PROTOCOLS),
+      help="base2new: train on the base half, test base and new (CoCoOp); all: train and test on every "
+           "class (few-shot); cross: as all, then test on --eval-datasets (cross-dataset transfer)")
+    a("--eval-datasets", default=None, metavar="A,B,C",
+      help="other datasets to test on after training, each in its own label space; default for --protocol "
+           "cross: imagenet -> the other ten CoOp datasets, shapes -> shapes2. With --evaluate: test a "
+           "saved run on these")
+    a("--shots", type=int, default=shots, help=shots_help or "training images per class, sampled on all "
+      "classes before the base/new split (paper: 16)")
+    a("--epochs", type=int, default=None, help=epochs_help)
+    a("--batch-size", type=int, default=None, help=batch_help)
+    a("--test-batch-size", type=int, default=100, help="evaluation batch size (Dassl: 100)")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1),
+      help="data-loader worker processes (Dassl: 4, here capped at the CPU count)")
+    a("--seed", type=int, default=1, help="seed for sampling, initialisation and shuffling (papers: 1, 2, 3)")
+    a("--eager", action="store_true", help="CUDA: run each training step op by op instead of replaying "
+      "its CUDA graph (kernels.CapturedStep; same numbers, slower)")
+    a("--output-dir", default=None, help="run folder; default runs/<method>-<dataset>-<shots>shot-seed<seed>-<time>")
+    a("--overwrite", action="store_true", help="replace a run folder that already holds a checkpoint, all of it")
+    a("--results-file", default=None,
+      help="JSON-lines file that gets one line per run; default <output-dir>/../results.jsonl")
+    a("--resume", default=None, metavar="RUN_DIR",
+      help="continue a run from its last completed epoch with its saved settings (or finish its evaluation)")
+    a("--evaluate", default=None, metavar="RUN_DIR",
+      help="re-evaluate a finished run with its saved settings, without training; writes RUN_DIR/eval.json")
+    a("--device", default=None, help="torch device; default cuda if available, else cpu")
+
+
+def resolve_run_args(args) -> None:
+    """Fill the common settings left at None: the dataset's default backbone, 'none' -> random init, and
+    the cross-dataset targets of --protocol cross."""
+    if args.model is None:
+        args.model, default_pretrained = default_backbone(args.dataset)
+        args.pretrained = default_pretrained if args.pretrained is None else args.pretrained
+    else:  # never fall back to random weights silently
+        require(args.pretrained is not None, "--model needs --pretrained (an open_clip tag, a weights file, "
+                "or 'none' for random init)")
+    if args.pretrained in ("none", "None", ""):
+        args.pretrained = None
+    if args.eval_datasets is None and args.protocol == "cross":
+        args.eval_datasets = ",".join(transfer_targets(args.dataset))
+
+
+def check_run_args(args, min_epochs=1, min_shots=1) -> None:
+    """Refuse a common setting that cannot run or would give wrong numbers (UsageError, one line)."""
+    check_int("--epochs", args.epochs, min_epochs)
+    check_int("--shots", args.shots, min_shots)
+    for name in ("batch_size", "test_batch_size"):
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    check_int("--workers", args.workers, 0)
+    check_int("--seed", args.seed, 0)
+    require(args.seed <= MAX_SEED, f"--seed must be at most {MAX_SEED} (NumPy's seeds are 32-bit), got {args.seed}")
+    require(args.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}, got {args.protocol!r}")
+    require(args.protocol != "cross" or eval_datasets(args), f"--protocol cross names no default targets for "
+            f"{args.dataset}: list them with --eval-datasets")
+    run_device(args.device)
+
+
+def check_warmup(name: str, value, epochs) -> None:
+    """A warm-up (epochs, or a fraction when `epochs` is None) must leave some of the run after it."""
+    if epochs is None:
+        check_float(name, value, minimum=0, below=1)
+    else:
+        check_int(name, value, 0)
+        require(value < epochs, f"{name} {value} is not shorter than --epochs {epochs}: the whole run would be "
+                "warm-up; use fewer warm-up epochs")
+
+
+def eval_datasets(args) -> list:
+    """The other datasets a run is tested on (--eval-datasets), as a list."""
+    return [name.strip() for name in (args.eval_datasets or "").split(",") if name.strip()]
+
+
+def run_device(name) -> torch.device:
+    """The device of --device (default: cuda when present, else cpu); one that is not there is refused."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        require(count > (device.index or 0), f"--device {name}: this machine has {count} CUDA device(s) "
+                "(torch.cuda.is_available() says so); leave --device out to run on the CPU")
+    else:
+        require(device.type == "cpu", f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def start_run(args, method: str, resolve: Callable, check: Callable):
+    """The settings, saved state, folder and device of a run. A new run: resolve(args) fills and checks
+    its settings. --resume RUN_DIR: the run's saved settings and last checkpoint. --evaluate RUN_DIR: a
+    finished run's (--eval-datasets may name other test sets). LOCAL_SETTINGS come from the command line.
+    Returns (args, saved checkpoint or None, run folder, device); nothing is written here."""
+    run_dir = args.resume or args.evaluate
+    if run_dir:
+        saved = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+        other_datasets = args.eval_datasets if args.evaluate else None
+        local = {k: v for k, v in vars(args).items() if k in LOCAL_SETTINGS}
+        args = argparse.Namespace(**{**saved["args"], **local})
+        args.eval_datasets = other_datasets or args.eval_datasets
+        check(args)
+        out = Path(run_dir)
+        finished = (out / "results.json").exists()
+        require(not (args.resume and finished), f"{out} is finished (results.json exists): re-evaluate it "
+                f"with --evaluate {out}")
+        require(not args.evaluate or saved["epoch"] >= args.epochs, f"{out} stopped after epoch "
+                f"{saved['epoch']} of {args.epochs}: finish it with --resume {out}")
+    else:
+        saved, args = None, resolve(args)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        protocol = "" if args.protocol == "base2new" else f"{args.protocol}-"
+        shots = f"{args.shots}shot-" if args.shots else ""
+        out = Path(args.output_dir or f"runs/{method}-{args.dataset}-{protocol}{shots}seed{args.seed}-{stamp}")
+        require(args.overwrite or not (out / "checkpoint.pt").exists(), f"{out} already holds a checkpoint: "
+                "pass --overwrite to replace the run, --resume to continue it, or another --output-dir")
+    return args, saved, out, run_device(args.device)
+
+
+def make_run_folder(out: Path, args, saved) -> None:
+    """Create a new run's folder with its args.json (--overwrite: the old run goes, all of it). Call it
+    once the data, weights and model exist, so that a run that cannot start leaves no folder."""
+    if saved is not None:
+        return
+    if args.overwrite and (out / "checkpoint.pt").exists():
+        shutil.rmtree(out)  # no file of the old run is left beside the new results
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(vars(args), indent=2), out / "args.json")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: everything random in a run follows --seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Task:
+    """What a run reads: its benchmark, the other datasets it is tested on, the backbone, and the class
+    names of the classes it trains on (the base half for base2new)."""
+    benchmark: Benchmark
+    targets: dict
+    backbone: Backbone
+    train_classes: str
+    train_names: list
+
+
+def load_task(args, device) -> Task:
+    """Read the benchmark, every --eval-datasets target (a missing one stops the run here, before
+    training) and the backbone."""
+    benchmark = load_dataset(args.dataset, args.root, download=args.download)
+    targets = {name: load_dataset(name, args.root, download=args.download) for name in eval_datasets(args)}
+    backbone = load_backbone(args.model, args.pretrained, device)
+    train_classes = PROTOCOLS[args.protocol]
+    _, train_names = subsample_classes(benchmark.test, benchmark.classnames, train_classes)
+    return Task(benchmark, targets, backbone, train_classes, train_names)
+
+
+def training_items(task: Task, args, cache) -> list:
+    """The training images: --shots per class sampled on all classes (0: the whole split; `cache`: the
+    run's fewshot.json), then those of the training classes, relabelled from 0."""
+    items = task.benchmark.train
+    if args.shots:
+        items = fewshot(items, args.shots, args.seed, cache=cache)
+    return subsample_classes(items, task.benchmark.classnames, task.train_classes)[0]
+
+
+def evaluation_sets(task: Task, protocol: str) -> dict:
+    """{split: (items, classnames, benchmark they come from)}, each split in the label space it is tested
+    in. base2new: the base and new halves, and the shifted sets restricted to the base classes. all,
+    cross: the whole test set, and each shifted set in its own label space (the classes it holds). Then
+    the other datasets (targets), each on its whole test set with all its classes."""
+    benchmark = task.benchmark
+    if protocol == "base2new":
+        splits = {half: (*subsample_classes(benchmark.test, benchmark.classnames, half), benchmark)
+                  for half in ("base", "new")}
+        splits.update({name: (shift_items(items, task.train_names), task.train_names, benchmark)
+                       for name, items in benchmark.shifts.items()})
+    else:
+        splits = {"all": (benchmark.test, benchmark.classnames, benchmark)}
+        splits.update({name: (*own_classes(items, benchmark.classnames), benchmark)
+                       for name, items in benchmark.shifts.items()})
+    splits.update({name: (target.test, target.classnames, target) for name, target in task.targets.items()})
+    return splits
+
+
+def split_loader(split, backbone: Backbone, args):
+    """The fixed-order, unaugmented batches of an evaluation split (items, classnames, benchmark)."""
+    items, _, source = split
+    return make_loader(items, source, backbone, False, args.test_batch_size, args.seed, args.workers)
+
+
+# -------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, args, epoch: int, model, optimizer, generator=None, train=None, extra=None) -> None:
+    """After each epoch, atomically: the learned tensors (the parameters that require grad) and what the
+    next epoch depends on: the optimiser state, the random states of Python, NumPy, torch (CUDA too) and
+    of `generator` (the training batches' shuffling), the epoch's training fit (`train`: loss and
+    accuracy) and a method's own state (`extra`, e.g. PromptSRC's prompt average). Plain tensors,
+    numbers and strings only, so that it loads with weights_only=True."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    atomic_save({
+        "learned": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "args": vars(args), "epoch": epoch, "metrics": None, "train": train, "extra": extra,
+        "optimizer": optimizer.state_dict(),
+        "rng": {"python": [python_state[0], list(python_state[1]), python_state[2]],
+                "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+                "torch": torch.get_rng_state(), "loader": None if generator is None else generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }, path)
+
+
+@torch.no_grad()
+def load_learned(model, learned: dict) -> None:
+    """Copy saved learned tensors ({parameter name: tensor}, as save_checkpoint writes them) into the model."""
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.copy_(learned[name])
+
+
+def restore_checkpoint(saved, model, optimizer, generator=None) -> int:
+    """Put a saved epoch back (see save_checkpoint); returns the number of epochs already done (0 for a
+    new run, saved None). The optimiser keeps its own lr tensors, which a captured step reads."""
+    if saved is None:
+        return 0
+    load_learned(model, saved["learned"])
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    rng = saved["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if generator is not None:
+        generator.set_state(rng["loader"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    print(f"resuming after epoch {saved['epoch']} of {saved['args']['epochs']}")
+    return saved["epoch"]
+
+
+# -------------------------------------------------------------------------------- the epochs
+def epoch_bar(args, start: int):
+    """range(start, epochs) with a progress bar."""
+    return tqdm(range(start, args.epochs), desc="train", initial=start, total=args.epochs)
+
+
+def epoch_fit(losses: list, correct, seen: int, epoch: int, lr=None) -> dict:
+    """The epoch's training loss and accuracy (%) from its steps' loss tensors (one wait for the device
+    per epoch); a non-finite loss stops the run (UsageError) before anything is recorded as a result."""
+    losses = torch.stack(losses).cpu()
+    if not torch.isfinite(losses).all():
+        bad = int((~torch.isfinite(losses)).nonzero()[0])
+        at = "" if lr is None else f" (lr {lr:.3g})"
+        raise UsageError(f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}{at}; "
+                         "nothing was recorded as a result. Lower --lr.")
+    return {"loss": round(float(losses.mean()), 4), "acc": round(100 * float(correct) / max(seen, 1), 2)}
+
+
+# -------------------------------------------------------------------------------- evaluation
+def autocast(device):
+    """The one precision switch: bf16 autocast on CUDA (learned tensors stay fp32), fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model, loader) -> dict:
+    """Top-1 accuracy in %, micro-averaged over the test items (Dassl's evaluator), and the mean
+    cross-entropy (a continuous number: two evaluations that agree on it used the same model).
+    model(x, text_features) -> logits [B, C]; model.class_text_features() -> [C, D], or None when the
+    text side depends on the image. loader: batches of (images or frozen features, labels)."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = loss = 0
+    with autocast(device):
+        text_features = model.class_text_features()  # once per evaluation, not per test batch
+        for x, labels in tqdm(loader, desc="eval", leave=False):
+            logits = model(x.to(device), text_features)
+            correct += (logits.argmax(-1) == labels.to(device)).sum().item()
+            loss += torch.nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum").item()
+            total += len(labels)
+    return {"acc": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1), "n": total}
+
+
+@torch.no_grad()
+def encode_images(encode: Callable, loader, device):
+    """Image features of a whole split, once: encode(images) -> [B, D] for every batch; returns
+    ([N, D] float, labels [N]) on the device."""
+    features, labels = [], []
+    for images, y in tqdm(loader, desc="image features", leave=False):
+        with autocast(device):
+            features.append(encode(images.to(device)))
+        labels.append(y)
+    return torch.cat(features), torch.cat(labels).to(device)
+
+
+class ZeroShotCLIP(torch.nn.Module):
+    """The zero-shot row: CLIP's own text path on a hand-written template, e.g. "a photo of a {}."."""
+
+    def __init__(self, clip, tokenize, classnames, template):
+        super().__init__()
+        self.clip, self.tokenize, self.classnames, self.template = clip, tokenize, classnames, template
+
+    def class_text_features(self):
+        ids = self.tokenize([self.template.format(c.replace("_", " ")) for c in self.classnames])
+        features = self.clip.encode_text(ids.to(self.clip.logit_scale.device)).float()
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    def forward(self, x, text_features=None):
+        """x: images [B, 3, H, W], or their normalised features [B, D]."""
+        if x.dim() != 2:
+            x = torch.nn.functional.normalize(self.clip.encode_image(x).float(), dim=-1)
+        text_features = self.class_text_features() if text_features is None else text_features
+        return self.clip.logit_scale.exp() * x @ text_features.t()
+
+
+# -------------------------------------------------------------------------------- results
+def print_results(title: str, rows: dict, columns: list) -> None:
+    """The results table of a run: one row per model ({name: {column: accuracy}}), '-' where none."""
+    width = {c: max(12, len(c) + 1) for c in columns}
+    names = max(16, max(len(name) for name in rows) + 1)
+    print(f"\n{title}\n{'':{names}}" + "".join(f"{c:>{width[c]}}" for c in columns))
+    for name, row in rows.items():
+        cells = [f"{row[c]:{width[c]}.2f}" if row.get(c) is not None else f"{'-':>{width[c]}}" for c in columns]
+        print(f"{name:{names}}" + "".join(cells))
+
+
+def result_record(method: str, args, task: Task, rows: dict, ours: str, splits: dict, test_loss: dict,
+                  **more) -> dict:
+    """The record of a run (results.json, one line of results.jsonl): the accuracies of rows[ours] per
+    protocol column, the zero-shot row, each split's class count and test loss, and the args. Adds the
+    harmonic mean to every row that has base and new, and prints the table."""
+    for row in rows.values():
+        row["hm"] = harmonic_mean(row["base"], row["new"]) if "new" in row else None
+    benchmark, backbone = task.benchmark, task.backbone
+    head = ["base", "new", "hm"] if args.protocol == "base2new" else ["all"]
+    shots = f"{args.shots} shots" if args.shots else "all shots"
+    print_results(f"{args.dataset} ({args.protocol}), {shots}, seed {args.seed}, epoch {args.epochs}, "
+                  f"{backbone.name}/{backbone.pretrained}", rows, [*head, *benchmark.shifts, *task.targets])
+    row = rows[ours]
+    return dict(method=method, protocol=args.protocol, dataset=args.dataset, backbone=backbone.name,
+                pretrained=backbone.pretrained, shots=args.shots, seed=args.seed, epoch=args.epochs,
+                base=row.get("base"), new=row.get("new"), hm=row["hm"], all=row.get("all"),
+                shifts={s: row[s] for s in benchmark.shifts if s in row},
+                transfer={t: row[t] for t in task.targets if t in row}, zero_shot=rows["zero-shot CLIP"],
+                test_loss=test_loss, classes={split: len(names) for split, (_, names, _) in splits.items()},
+                **more, args=vars(args))
+
+
+def finish_run(out: Path, record: dict, args, start_time: float) -> dict:
+    """Record a finished run: results.json, the metrics in its checkpoint, and one line of the results
+    file (--evaluate: RUN_DIR/eval.json only, the run's own results stay as they are)."""
+    if args.evaluate:
+        atomic_write_text(json.dumps(record, indent=2), out / "eval.json")
+        print(f"wrote {out / 'eval.json'}")
+        return record
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    record["train"] = checkpoint["train"]  # the last epoch's training loss and accuracy (%)
+    record["wall_s"] = round(time.time() - start_time, 1)
+    atomic_write_text(json.dumps(record, indent=2), out / "results.json")
+    atomic_save({**checkpoint, "metrics": record}, out / "checkpoint.pt")
+    append_result(Path(args.results_file or out.parent / "results.jsonl"), record)
+    print(f"wrote {out / 'results.json'}, {out / 'checkpoint.pt'}")
+    return record
+
+
+# ==================================================================================================
+# The command line: python data.py table [RUNS_DIR]
+# ==================================================================================================
+
 def _cmd_table(argv) -> None:
     parser = argparse.ArgumentParser(prog="data.py table", description="mean ± std table of a runs folder")
     parser.add_argument("runs_dir", nargs="?", default="runs", help="folder searched recursively for *.jsonl "
@@ -1151,11 +1553,7 @@ def _cmd_table(argv) -> None:
     print(results_table(records))
 
 
-def _cmd_moved(argv) -> None:
-    sys.exit("the offline world's commands moved: run `python -m world pretrain` or `python -m world zero-shot`")
-
-
-COMMANDS = {"table": _cmd_table, "pretrain": _cmd_moved, "zero-shot": _cmd_moved}  # `python data.py <command> ...`
+COMMANDS = {"table": _cmd_table}  # `python data.py <command> ...`
 
 
 def main(argv=None) -> None:
