@@ -1007,7 +1007,7 @@ def append_result(path, record: dict) -> None:
         os.close(fd)
 
 
-RESULT_KEYS = ("method", "dataset", "backbone", "shots")  # what every record needs to be placed in the table
+RESULT_KEYS = ("method", "dataset", "backbone", "shots", "protocol")  # what every record needs to be placed in the table
 
 
 def read_results(runs_dir) -> list:

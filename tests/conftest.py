@@ -13,10 +13,13 @@ if not _has_gpu:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
+import json
 import signal
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -51,3 +54,77 @@ def kill_after_epochs(proc, run_dir, epochs=3, wait_s=900):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return torch.load(checkpoint, weights_only=True)["epoch"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a whole run in a subprocess (kill and resume, DDP); "
+                                       "skip them locally with -m 'not slow', CI runs everything")
+
+
+# ---------------------------------------------------------------------------- shared fixtures
+NAMES = ["cat", "hot air balloon", "golden_retriever", "x-ray film", "ox"]  # class names with spaces, _ and -
+
+
+def images(n=3, seed=2, size=32):
+    """A batch of random images [n, 3, size, size], the same for the same seed."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def caltech_fixture(root: Path, n_classes=4, per_class=10):
+    """CoOp's Caltech101 layout with random JPEGs (no split file: data.py's seeded auto-split)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in ["BACKGROUND_Google", "Faces", "accordion", "airplanes", "anchor"][:n_classes + 1]:
+        folder = root / "caltech-101" / "101_ObjectCategories" / c
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 44, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"image_{i + 1:04d}.jpg")
+
+
+# ---------------------------------------------------------------------------- coop.py runs on the fixture
+# A random-init CLIP small enough for CPU tests, with OpenAI CLIP's 77-token text context.
+TINY_NAME = "coop-test-tiny"
+TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+COMMON = ["--workers", "0", "--device", "cpu"]
+
+
+def fixture_run(tmp_path, *extra, name="run1"):
+    """coop.py's arguments for a run on a tiny Caltech101 fixture with the tiny test CLIP."""
+    if not (tmp_path / "data").exists():
+        caltech_fixture(tmp_path / "data")
+    return ["--dataset", "caltech101", "--model", TINY_NAME, "--pretrained", "none", "--shots", "2",
+            "--root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs" / name), *COMMON, *extra]
+
+
+def check_run(run, method, epochs=2):
+    """The files of a finished run; returns its results."""
+    results = json.loads((run / "results.json").read_text())
+    assert results["method"] == method and results["shots"] == 2 and results["epoch"] == epochs
+    assert results["hm"] == pytest.approx(2 * results["base"] * results["new"] / (results["base"] + results["new"]))
+    assert set(results["zero_shot"]) >= {"base", "new", "hm"} and set(results["test_loss"]) == {"base", "new"}
+    assert {p.name for p in run.iterdir()} >= {"args.json", "fewshot.json", "results.json", "checkpoint.pt"}
+    assert len(json.loads((run / "fewshot.json").read_text())["items"]) == 2 * 4  # 2 shots x 4 classes
+    lines = (run.parent / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["base"] == results["base"]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(ckpt) == {"learned", "args", "epoch", "metrics", "optimizer", "rng", "train", "extra"}
+    assert ckpt["epoch"] == epochs and ckpt["extra"] is None
+    assert 0 <= ckpt["train"]["acc"] <= 100 and ckpt["train"]["loss"] > 0 and results["train"] == ckpt["train"]
+    assert ckpt["metrics"]["test_loss"] == results["test_loss"]
+    meta = {f"prompt_learner.meta_net.{layer}.{p}" for layer in ("linear1", "linear2") for p in ("weight", "bias")}
+    assert set(ckpt["learned"]) == {"prompt_learner.ctx"} | (meta if method == "cocoop" else set())  # nothing frozen
+    return results
+
+
+def check_reproduced(run, results):
+    again = json.loads((run / "eval.json").read_text())
+    for key in ("base", "new", "hm", "zero_shot", "epoch"):
+        assert again[key] == results[key], key
+    for split, loss in results["test_loss"].items():  # continuous: a different model would not match
+        assert again["test_loss"][split] == pytest.approx(loss, rel=1e-6, abs=1e-7), split
+    assert len((run.parent / "results.jsonl").read_text().splitlines()) == 1  # re-evaluation appends nothing
+
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_coop import TINY, TINY_NAME, caltech_fixture, check_reproduced, check_run
+from conftest import TINY, TINY_NAME, caltech_fixture, check_reproduced, check_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -403,9 +403,9 @@ def test_results_table(tmp_path, capsys):
     assert data.harmonic_mean(0, 0) == 0.0
     for seed, (b, n) in enumerate([(80, 60), (82, 62), (84, 64)], 1):
         data.append_result(tmp_path / "run" / "results.jsonl", dict(method="coop", dataset="dtd",
-                           backbone="ViT-B-16", shots=16, seed=seed, base=b, new=n, hm=0, wall_s=1.0))
+                           backbone="ViT-B-16", shots=16, seed=seed, protocol="base2new", base=b, new=n, hm=0, wall_s=1.0))
     data.append_result(tmp_path / "other" / "results.jsonl", dict(method="coop", dataset="eurosat",
-                       backbone="ViT-B-16", shots=16, seed=1, base=90.0, new=70.0, hm=0, wall_s=1.0))
+                       backbone="ViT-B-16", shots=16, seed=1, protocol="base2new", base=90.0, new=70.0, hm=0, wall_s=1.0))
     data.main(["table", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| method | dataset |")
@@ -418,6 +418,7 @@ def test_results_table(tmp_path, capsys):
 
 def test_results_table_zero_shot_row_and_shift_columns():
     records = [dict(method="coop", dataset="shapes", backbone="tiny", pretrained="shapes", shots=16, seed=s,
+                    protocol="base2new",
                     base=b, new=n, hm=0, shifts={"photo": p}, wall_s=1.0,
                     zero_shot={"base": 40.0, "new": 50.0, "hm": 44.44, "photo": 90.0})
                for s, b, n, p in [(1, 60.0, 40.0, 70.0), (2, 62.0, 42.0, 72.0)]]

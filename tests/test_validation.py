@@ -304,7 +304,7 @@ def test_weights_that_cannot_be_downloaded_say_what_to_do(monkeypatch):
 def record(seed, base, new, **args):
     settings = dict(dataset="dtd", shots=16, epochs=200, lr=0.002, n_ctx=4, seed=seed, workers=4,
                     output_dir=f"runs/coop-s{seed}", results_file=None, device="cpu", no_truncate=False)
-    return dict(method="coop", dataset="dtd", backbone="ViT-B-16", pretrained="openai", shots=16, seed=seed,
+    return dict(method="coop", dataset="dtd", backbone="ViT-B-16", pretrained="openai", shots=16, seed=seed, protocol="base2new",
                 base=base, new=new, args={**settings, **args})
 
 
