@@ -1,9 +1,7 @@
 """CoOp and CoCoOp: learning the context words of CLIP's prompts, in one file.
 
-CoOp   Zhou, Yang, Loy, Liu. "Learning to Prompt for Vision-Language Models." IJCV 2022.
-       https://arxiv.org/abs/2109.01134
-CoCoOp Zhou, Yang, Loy, Liu. "Conditional Prompt Learning for Vision-Language Models." CVPR 2022.
-       https://arxiv.org/abs/2203.05557
+CoOp   Zhou et al. "Learning to Prompt for Vision-Language Models." IJCV 2022.
+CoCoOp Zhou et al. "Conditional Prompt Learning for Vision-Language Models." CVPR 2022.
 
 CLIP classifies an image by the cosine between its feature and the text feature of one prompt per
 class ("a photo of a {class}."). CoOp freezes both encoders and learns the context words as M
@@ -12,24 +10,19 @@ the base classes. CoCoOp adds a small meta-net that maps each image feature to o
 every context vector, so the prompt depends on the image; it transfers better to classes never
 trained on, at the price of one text pass per (image, class) pair.
 
-  python coop.py                                      # offline world (shapes, tiny CLIP), CoOp
-  python coop.py --conditional                        # offline world, CoCoOp
-  python coop.py --dataset caltech101 --root ~/data   # paper setting: ViT-B/16 openai, 16 shots
-  python coop.py --dataset caltech101 --root ~/data --conditional
-  python coop.py --resume runs/coop-caltech101-16shot-seed1-...     # continue a killed run
-  python coop.py --evaluate runs/coop-caltech101-16shot-seed1-...   # re-evaluate a finished run
-  python coop.py --protocol all --shots 4             # few-shot on all classes (CoOp's main table)
-  python coop.py --protocol cross --dataset imagenet --root ~/data  # cross-dataset and domain generalisation
+  python coop.py                                    # offline world (shapes, tiny CLIP), CoOp
+  python coop.py --conditional                      # offline world, CoCoOp
+  python coop.py --dataset caltech101 --root ~/data # paper setting: ViT-B/16 openai, 16 shots
+  python coop.py --resume RUN_DIR                   # continue a killed run
+  python coop.py --evaluate RUN_DIR                 # re-evaluate a finished run
+  python coop.py --protocol all --shots 4           # few-shot on all classes (CoOp's main table)
+  python coop.py --protocol cross --dataset imagenet --root ~/data  # cross-dataset transfer
   python coop.py --evaluate RUN_DIR --eval-datasets dtd,eurosat     # a saved run on other datasets
 
-Evaluation protocols (--protocol):
-- base2new (default): CoCoOp's base-to-new. Train on the base half of the classes; accuracy on the base
-  and the new half, each in its own label space, their harmonic mean, and the benchmark's shifted test
-  sets restricted to the base classes (the world's other styles; ImageNet's variants).
-- all: CoOp's few-shot setting. Train and test on every class (one `all` accuracy), plus the shifted
-  test sets each in its own label space (domain generalisation: ImageNet-A and -R have 200 classes).
-- cross: cross-dataset transfer. Train as `all`, then evaluate on other datasets, each in its own label
-  space (--eval-datasets; default: ImageNet -> the other ten datasets, the world -> its second task).
+Protocols (--protocol; data.evaluation_sets): base2new (default, CoCoOp's: train on the base half,
+test base and new, each in its own label space, and their harmonic mean), all (CoOp's few-shot:
+train and test on every class; the shifted test sets give domain generalisation), cross (as all,
+then test on other datasets, each in its own label space).
 
 Differs from the official code (KaiyangZhou/CoOp) in:
 - open_clip instead of OpenAI's clip package (QuickGELU forced for the `openai` weights, as theirs).
@@ -40,15 +33,16 @@ Differs from the official code (KaiyangZhou/CoOp) in:
   (the offline world), and once per evaluation split.
 - the context length M of --ctx-init counts BPE tokens ("itap of a" is 4 tokens); the official
   code counts words (3 there) and so mis-sizes the context for such words.
-- CoCoOp is batched over images (one text pass for a chunk of images) instead of a loop per image.
-- --csc with --ctx-init starts every class from the words (the official code silently drops --csc).
-- on CUDA the training step is recorded once as a CUDA graph and replayed (kernels.CapturedStep, when
-  kernels/ is beside this file); the lr is a tensor filled in place each epoch, and SGD is the fused
-  implementation there (same update).
+- CoCoOp is batched over images (one text pass for a chunk of images), not a loop per image.
+- --csc with --ctx-init starts every class from the words (the official code drops --csc).
+- on CUDA the training step is recorded once as a CUDA graph and replayed (kernels.CapturedStep,
+  when kernels/ is beside this file); the lr is a tensor filled in place each epoch, and SGD is the
+  fused implementation there (same update).
 - a checkpoint is written after every epoch, with what the next epoch needs (--resume).
 
-Reading map: PromptLearner (the learned context), PromptedCLIP (the logits), train_step (the objective),
-then main (the recipe). data.py holds the run machinery (flags, run folder, checkpoints, evaluation).
+Reading map: PromptLearner (the learned context), PromptedCLIP (the logits), train_step (the
+objective), then main (the recipe). data.py holds the run machinery (flags, run folder, checkpoints,
+evaluation, results); kernels/ the captured step.
 """
 import argparse
 import functools
@@ -72,35 +66,7 @@ except ImportError:
 PROMPTS_PER_PASS = 4096  # CoCoOp: at most this many (image, class) prompts in one text pass
 
 
-# ------------------------------------------------------------------------------------------ the method
-# ==== shared block: text encoder (identical in every method file) ====
-class TextEncoder(nn.Module):
-    """CLIP's text tower fed prompt embeddings instead of token ids (open_clip CLIP, batch-first).
-
-    The causal mask lets position i attend only to positions <= i, so the end-of-text (EOT) feature,
-    which is all CLIP uses, never depends on later positions: prompts cut after the longest prompt's
-    EOT (as the prompt learner builds them) give exactly the features of the full context."""
-
-    def __init__(self, clip):
-        super().__init__()
-        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's text tower"
-        self.resblocks = clip.transformer.resblocks
-        self.positional_embedding = clip.positional_embedding  # [L, d]
-        self.ln_final = clip.ln_final
-        self.text_projection = clip.text_projection  # [d, D]
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [L, L], -inf above the diagonal
-
-    def forward(self, prompts, eot):
-        """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions. Returns features [N, D]."""
-        n = prompts.shape[1]
-        x = prompts + self.positional_embedding[:n]  # [N, n, d]
-        for block in self.resblocks:
-            x = block(x, attn_mask=self.attn_mask[:n, :n])
-        x = self.ln_final(x)
-        return x[torch.arange(len(x), device=x.device), eot] @ self.text_projection  # [N, D]
-# ==== end shared block ====
-
-
+# --------------------------------------------------------------------------------------- the method
 class PromptLearner(nn.Module):
     """The learned context V ([M, d], or [C, M, d] with --csc) and, for CoCoOp, the meta-net.
     Returns the prompt embeddings [SOS][V][CLASS][.][EOS][pad] for the current class names."""
@@ -114,48 +80,48 @@ class PromptLearner(nn.Module):
         context_length = tokenize(["x"]).shape[1]  # L: 77 for OpenAI CLIP
         if args.ctx_init:
             ids = tokenize([args.ctx_init]).to(device)  # [1, L]; cut to L by the tokenizer
-            self.n_ctx = int(ids.argmax(-1)) - 1  # BPE tokens between SOS and EOT: "a photo of a" -> 4
-            data.require(self.n_ctx + 2 < context_length, f"--ctx-init {args.ctx_init!r} does not fit the text "
-                         f"context of {context_length} tokens with a class name: use fewer words")
+            self.n_ctx = int(ids.argmax(-1)) - 1  # BPE tokens: 4 for "a photo of a"
+            data.require(self.n_ctx + 2 < context_length, f"--ctx-init {args.ctx_init!r} does not "
+                         f"fit the text context of {context_length} tokens with a class name")
             with torch.no_grad():
                 ctx_vectors = self.token_embedding(ids)[0, 1:1 + self.n_ctx].float()  # [M, d]
-            if args.csc:  # every class starts from the words
-                ctx_vectors = ctx_vectors.repeat(n_cls, 1, 1)  # [C, M, d]
+            if args.csc:  # every class starts from the words: [C, M, d]
+                ctx_vectors = ctx_vectors.repeat(n_cls, 1, 1)
             self.prefix_words = args.ctx_init
         else:
             self.n_ctx = args.n_ctx
-            data.require(self.n_ctx + 3 < context_length, f"--n-ctx {self.n_ctx} does not fit the text context "
-                         f"of {context_length} tokens with a class name: use fewer")
-            ctx_vectors = torch.empty((n_cls, self.n_ctx, ctx_dim) if args.csc else (self.n_ctx, ctx_dim),
-                                      device=device)
+            data.require(self.n_ctx + 3 < context_length, f"--n-ctx {self.n_ctx} does not fit the "
+                         f"text context of {context_length} tokens with a class name: use fewer")
+            shape = (n_cls, self.n_ctx, ctx_dim) if args.csc else (self.n_ctx, ctx_dim)
+            ctx_vectors = torch.empty(shape, device=device)
             nn.init.normal_(ctx_vectors, std=0.02)
-            self.prefix_words = " ".join(["X"] * self.n_ctx)  # placeholders whose embeddings V replaces
+            self.prefix_words = " ".join(["X"] * self.n_ctx)  # placeholders that V replaces
         self.ctx = nn.Parameter(ctx_vectors)  # fp32 master copy, whatever the backbone's precision
         self.meta_net = None
         if args.conditional:  # CoCoOp's h_theta: Linear(D, D/16) - ReLU - Linear(D/16, d)
             vis_dim = clip.text_projection.shape[1]  # image and text features share the dimension D
-            self.meta_net = nn.Sequential(OrderedDict(  # the official layer names, so state_dict keys match
+            self.meta_net = nn.Sequential(OrderedDict(  # the official layer names
                 linear1=nn.Linear(vis_dim, vis_dim // 16), relu=nn.ReLU(inplace=True),
                 linear2=nn.Linear(vis_dim // 16, ctx_dim))).to(device)
         self.set_classes(classnames)
 
     def set_classes(self, classnames):
-        """Build the frozen parts of the prompts for these class names (base for training, new for testing)."""
+        """Build the frozen parts of the prompts of these classes (base to train, new to test)."""
         names = [c.replace("_", " ") for c in classnames]
         device = self.token_embedding.weight.device
         ids = self.tokenize([f"{self.prefix_words} {name}." for name in names]).to(device)  # [C, L]
         eot = ids.argmax(-1)  # [C]: EOT has the largest token id
-        too_long = [name for name, e in zip(names, eot.tolist()) if e >= ids.shape[1] - 1]  # cut by the tokenizer
-        data.require(not too_long, f"the prompt '{self.prefix_words} <class>.' does not fit the text context "
-                     f"of {ids.shape[1]} tokens for {len(too_long)} classes (e.g. {(too_long or [''])[0]!r}): "
-                     "use a shorter --ctx-init or fewer --n-ctx")
+        too_long = [name for name, e in zip(names, eot.tolist()) if e >= ids.shape[1] - 1]  # cut
+        data.require(not too_long, f"the prompt '{self.prefix_words} <class>.' does not fit the "
+                     f"text context of {ids.shape[1]} tokens for {len(too_long)} classes (e.g. "
+                     f"{(too_long or [''])[0]!r}): use a shorter --ctx-init or fewer --n-ctx")
         # Truncation: positions after the longest prompt's EOT never reach a feature (causal mask).
         length = int(eot.max()) + 1 if self.truncate else ids.shape[1]
         ids = ids[:, :length]
         with torch.no_grad():
             emb = self.token_embedding(ids).float()  # [C, n, d]
         self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # SOS [C, 1, d]
-        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # CLASS . EOS pad
+        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # CLASS.EOS
         self.register_buffer("eot", eot, persistent=False)
         # Class-token position as a per-class reordering of the 'end' layout [SOS][V][CLASS][rest]:
         # middle = [SOS][V_1..V_M/2][CLASS][V_M/2+1..V_M][rest], front = [SOS][CLASS][V][rest].
@@ -170,12 +136,12 @@ class PromptLearner(nn.Module):
         self.register_buffer("order", order.to(device), persistent=False)
 
     def forward(self, shift=None):
-        """shift: [B, d] meta-net output (CoCoOp) or None. Returns prompts [C, n, d] or [B, C, n, d],
-        and eot [C]."""
+        """shift: [B, d] meta-net output (CoCoOp) or None. Returns prompts [C, n, d] or
+        [B, C, n, d], and eot [C]."""
         n_cls = len(self.eot)
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(n_cls, -1, -1)  # [C, M, d]
         prefix, suffix = self.token_prefix, self.token_suffix
-        if shift is not None:  # CoCoOp: v_m(x) = v_m + pi(x), the same shift for every context token
+        if shift is not None:  # CoCoOp: v_m(x) = v_m + pi(x), one shift for every context token
             ctx = ctx + shift[:, None, None, :]  # [B, C, M, d]
             prefix, suffix = (t.expand(len(shift), -1, -1, -1) for t in (prefix, suffix))
         prompts = torch.cat([prefix, ctx, suffix], dim=-2)  # [(B,) C, n, d], 'end' layout
@@ -185,7 +151,7 @@ class PromptLearner(nn.Module):
 
 
 class PromptedCLIP(nn.Module):
-    """Frozen CLIP + learned prompts. logits = s * cos(f(x), g(t_c)), s = CLIP's frozen exp(logit_scale)."""
+    """Frozen CLIP + learned prompts: logits = s cos(f(x), g(t_c)), s CLIP's exp(logit_scale)."""
 
     def __init__(self, clip, tokenize, classnames, args):
         super().__init__()
@@ -194,40 +160,32 @@ class PromptedCLIP(nn.Module):
         self.text_encoder = TextEncoder(clip)
 
     @torch.no_grad()
-    def encode_image(self, images):  # [B, 3, H, W] -> L2-normalised [B, D]; frozen in CoOp and CoCoOp
+    # [B, 3, H, W] -> L2-normalised [B, D]; frozen in CoOp and CoCoOp
+    def encode_image(self, images):
         return F.normalize(self.clip.encode_image(images).float(), dim=-1)
 
     def class_text_features(self):
-        """[C, D] normalised class prompt features, computed once per evaluation; None when the prompts
-        depend on the image (CoCoOp)."""
+        """[C, D] normalised class prompt features, computed once per evaluation; None when the
+        prompts depend on the image (CoCoOp)."""
         if self.prompt_learner.meta_net is not None:
             return None
         prompts, eot = self.prompt_learner()
         return F.normalize(self.text_encoder(prompts, eot).float(), dim=-1)
 
     def forward(self, x, text_features=None):
-        """x: images [B, 3, H, W], or their precomputed features [B, D] (the image encoder is frozen)."""
+        """x: images [B, 3, H, W], or their precomputed features [B, D] (frozen tower)"""
         image_features = x if x.dim() == 2 else self.encode_image(x)  # [B, D]
         scale = self.clip.logit_scale.exp()
         if self.prompt_learner.meta_net is None:  # CoOp: one prompt per class, shared by all images
             text_features = self.class_text_features() if text_features is None else text_features
             return scale * image_features @ text_features.t()  # [B, C]
         logits, n_cls = [], len(self.prompt_learner.eot)
-        for chunk in image_features.split(max(1, PROMPTS_PER_PASS // n_cls)):  # CoCoOp: C prompts per image
+        for chunk in image_features.split(max(1, PROMPTS_PER_PASS // n_cls)):  # CoCoOp: C per image
             prompts, eot = self.prompt_learner(self.prompt_learner.meta_net(chunk))  # [b, C, n, d]
-            text_features = self.text_encoder(prompts.flatten(0, 1), eot.repeat(len(chunk)))  # [b*C, D]
-            text_features = F.normalize(text_features.float(), dim=-1).view(len(chunk), n_cls, -1)  # [b, C, D]
+            text_features = self.text_encoder(prompts.flatten(0, 1), eot.repeat(len(chunk)))
+            text_features = F.normalize(text_features.float(), dim=-1).view(len(chunk), n_cls, -1)
             logits.append(scale * torch.einsum("bd,bcd->bc", chunk, text_features))
         return torch.cat(logits)  # [B, C]
-
-
-def sgd(learned, args, device):
-    """Dassl's SGD, with the lr in a tensor that the schedule fills in place, so that a captured step
-    reads each epoch's value (fused SGD reads it on the GPU; float64 on the CPU is the update of a
-    Python float, bit for bit)."""
-    lr = torch.tensor(args.lr, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    return torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                           fused=device.type == "cuda")
 
 
 def train_step(model, optimizer, x, y):
@@ -242,18 +200,57 @@ def train_step(model, optimizer, x, y):
     return loss.detach(), (logits.argmax(-1) == y).sum()
 
 
-# ------------------------------------------------------------------------------------------ settings
+def sgd(learned, args, device):
+    """Dassl's SGD, with the lr in a tensor that the schedule fills in place, so that a captured
+    step reads each epoch's value (fused SGD reads it on the GPU; float64 on the CPU is the update
+    of a Python float, bit for bit)."""
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    lr = torch.tensor(args.lr, dtype=dtype, device=device)
+    return torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           fused=device.type == "cuda")
+
+
+# ==== shared block: text encoder (identical in every method file) ====
+class TextEncoder(nn.Module):
+    """CLIP's text tower fed prompt embeddings instead of token ids (open_clip CLIP, batch-first).
+
+    The causal mask lets position i attend only to positions <= i, so the end-of-text (EOT) feature,
+    which is all CLIP uses, never depends on later positions: prompts cut after the longest prompt's
+    EOT (as the prompt learner builds them) give exactly the features of the full context."""
+
+    def __init__(self, clip):
+        super().__init__()
+        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's"
+        self.resblocks = clip.transformer.resblocks
+        self.positional_embedding = clip.positional_embedding  # [L, d]
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection  # [d, D]
+        # [L, L], -inf above the diagonal
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+
+    def forward(self, prompts, eot):
+        """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions -> [N, D]"""
+        n = prompts.shape[1]
+        x = prompts + self.positional_embedding[:n]  # [N, n, d]
+        for block in self.resblocks:
+            x = block(x, attn_mask=self.attn_mask[:n, :n])
+        x = self.ln_final(x)
+        return x[torch.arange(len(x), device=x.device), eot] @ self.text_projection  # [N, D]
+# ==== end shared block ====
+
+
+# ----------------------------------------------------------------------------------------- settings
 def coop_epochs(shots):  # CoOp's epochs follow the shot count (scripts/coop/main.sh)
     return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
-# Paper defaults, then per-dataset exceptions; a flag given on the command line wins over both. The
-# official configs use the same settings in every protocol (cross-dataset trains on ImageNet, 16 shots).
+# Paper defaults, then per-dataset exceptions; a flag on the command line wins over both. The
+# official configs use the same settings in every protocol (cross-dataset: ImageNet, 16 shots).
 PAPER = {"coop": dict(batch_size=32), "cocoop": dict(batch_size=1, epochs=10)}
 DATASET_SETTINGS = {
     "imagenet": {"coop": dict(epochs=50)},  # CoOp's *_ep50 configs, for every shot count
-    # The offline world (every 'shapes...' benchmark) runs the paper settings as they are: with the tiny
-    # CLIP and cached image features, CoOp's 200 epochs and CoCoOp's 10 take ~30 s each on 2 CPU cores.
+    # The offline world (every 'shapes...' benchmark) runs the paper settings as they are: with
+    # the tiny CLIP and cached image features, CoOp's 200 epochs take ~1 min on 2 CPU cores.
     "shapes": {},
 }
 
@@ -263,21 +260,22 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--conditional", action="store_true",
-      help="CoCoOp: add the meta-net that shifts the context per image (official: --trainer CoCoOp)")
-    a("--n-ctx", type=int, default=4, help="context tokens M when --ctx-init is empty (CoCoOp paper: 4)")
+      help="CoCoOp: the meta-net shifts the context per image (official: --trainer CoCoOp)")
+    a("--n-ctx", type=int, default=4, help="context tokens M when --ctx-init is empty (paper: 4)")
     a("--ctx-init", default="a photo of a", help="words that initialise the context (M = their BPE "
       "token count); '' = random N(0, 0.02^2) (CoCoOp paper: a photo of a)")
     a("--csc", action="store_true", help="CoOp: class-specific context, one per class (paper: off)")
     a("--class-token-position", default="end", choices=["end", "middle", "front"],
       help="CoOp: where the class name sits (paper: end)")
-    a("--lr", type=float, default=0.002, help="SGD lr after warm-up, cosine-annealed per epoch (paper: 0.002)")
+    a("--lr", type=float, default=0.002, help="SGD lr after warm-up, then cosine (paper: 0.002)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default: 0.9)")
     a("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default: 5e-4)")
-    a("--warmup-epochs", type=int, default=1, help="constant warm-up epochs before the cosine (paper: 1)")
+    a("--warmup-epochs", type=int, default=1, help="constant warm-up epochs before the cosine (1)")
     a("--warmup-lr", type=float, default=1e-5, help="learning rate during warm-up (paper: 1e-5)")
     a("--no-truncate", action="store_true",
-      help="run the text transformer over all context positions (slower, same result; the official code does)")
-    data.add_run_flags(p, epochs_help="default: CoOp 50/100/200 for 1/2-4/8-16 shots (ImageNet 50), CoCoOp 10",
+      help="run the text transformer over all positions (slower, same result; as the official)")
+    data.add_run_flags(p, epochs_help="default: CoOp 50/100/200 for 1/2-4/8-16 shots (ImageNet "
+                       "50), CoCoOp 10",
                        batch_help="default: CoOp 32, CoCoOp 1, the paper values")
     return p.parse_args(argv)
 
@@ -287,7 +285,7 @@ def method_name(args):
 
 
 def resolve_settings(args):
-    """Fill the settings left at None: command line > DATASET_SETTINGS > paper default; then check them."""
+    """Fill the settings left at None (command line > DATASET_SETTINGS > paper), then check them."""
     method = method_name(args)
     paper = dict(PAPER[method], epochs=PAPER[method].get("epochs", coop_epochs(args.shots)))
     dataset = "shapes" if args.dataset.startswith(data.WORLD_PREFIX) else args.dataset
@@ -309,11 +307,11 @@ def check_settings(args):
         data.check_float(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
     data.check_warmup("--warmup-epochs", args.warmup_epochs, args.epochs)
     data.require(args.ctx_init.strip() or args.n_ctx >= 1,
-                 f"--n-ctx {args.n_ctx} with an empty --ctx-init: the prompt needs at least one context token")
+                 f"--n-ctx {args.n_ctx} with an empty --ctx-init: the prompt needs a context token")
     data.require(not (args.csc and args.conditional),
-                 "--csc is CoOp's class-specific context; CoCoOp (--conditional) has one shared context")
+                 "--csc is CoOp's class-specific context; CoCoOp (--conditional) has a shared one")
     data.require(not (args.csc and data.eval_datasets(args)),
-                 "--csc learns one context per class of the training dataset: other datasets have no prompt")
+                 "--csc learns one context per training class: other datasets have no prompt")
 
 
 def learning_rate(epoch, args):
@@ -327,15 +325,17 @@ def learning_rate(epoch, args):
 # ------------------------------------------------------------------------------------------ the run
 def main(args):
     start_time = time.time()
-    args, saved, out, device = data.start_run(args, method_name(args), resolve_settings, check_settings)
-    print(f"{method_name(args)} on {args.dataset} ({args.protocol}): {args.model}/{args.pretrained}, "
-          f"{args.shots} shots, seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}, device {device} "
-          f"-> {out}")
+    args, saved, out, device = data.start_run(args, method_name(args), resolve_settings,
+                                              check_settings)
+    print(f"{method_name(args)} on {args.dataset} ({args.protocol}): {args.model}/{args.pretrained}"
+          f", {args.shots} shots, seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}, "
+          f"device {device} -> {out}")
     data.seed_everything(args.seed)  # few-shot sampling, context init, shuffling
 
-    # Data and model: the base half of the classes for base2new (CoCoOp's protocol), every class otherwise.
+    # Data and model: the base half of the classes for base2new, every class otherwise.
     task = data.load_task(args, device)
-    model = PromptedCLIP(task.backbone.model, task.backbone.tokenize, task.train_names, args).to(device)
+    clip, tokenize = task.backbone.model, task.backbone.tokenize
+    model = PromptedCLIP(clip, tokenize, task.train_names, args).to(device)
     if args.evaluate:
         data.load_learned(model, saved["learned"])
         return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
@@ -343,13 +343,13 @@ def main(args):
     train_items = data.training_items(task, args, cache=out / "fewshot.json")
     train_loader = training_batches(model, train_items, task, args, device)
 
-    # Optimiser: SGD on the context (and CoCoOp's meta-net), its lr a tensor the schedule fills in place.
+    # Optimiser: SGD on the context (and CoCoOp's meta-net); the schedule fills its lr tensor.
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = sgd(learned, args, device)
     lr = optimizer.param_groups[0]["lr"]
     step = functools.partial(train_step, model, optimizer)
     if kernels is not None and device.type == "cuda" and not args.eager:
-        step = kernels.CapturedStep(train_step, model, optimizer)  # the same step, replayed as a CUDA graph
+        step = kernels.CapturedStep(train_step, model, optimizer)  # replayed as a CUDA graph
     print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images "
           f"of {len(task.train_names)} {task.train_classes} classes")
     start_epoch = data.restore_checkpoint(saved, model, optimizer, train_loader.generator)
@@ -362,20 +362,23 @@ def main(args):
             losses.append(loss)
             correct, seen = correct + n_correct, seen + len(y)
         fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args))
-        data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer, train_loader.generator, fit)
+        data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
+                             train_loader.generator, fit)
 
     return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
 
 
 def training_batches(model, items, task, args, device):
     """Training batches of (images, labels), or of (frozen image features, labels) where no random
-    augmentation applies: the frozen encoder then gives every image the same feature in every epoch."""
+    augmentation applies: the frozen encoder then gives an image the same feature in every epoch."""
     benchmark, backbone = task.benchmark, task.backbone
     if benchmark.augment:  # random crops and flips: the image encoder runs on every training batch
-        return data.make_loader(items, benchmark, backbone, True, args.batch_size, args.seed, args.workers)
+        return data.make_loader(items, benchmark, backbone, True, args.batch_size, args.seed,
+                                args.workers)
     print(f"no training augmentation on {args.dataset}: caching the frozen image features of the "
           f"{len(items)} training images once (exact)")
-    plain = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed, args.workers)
+    plain = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed,
+                             args.workers)
     features, labels = data.encode_images(model.encode_image, plain, device)
     return DataLoader(TensorDataset(features, labels), batch_size=args.batch_size, shuffle=True,
                       drop_last=len(features) >= args.batch_size,
@@ -391,15 +394,17 @@ def evaluate_run(model, task, args, device) -> dict:
     rows, test_loss = {"zero-shot CLIP": {}, ours: {}}, {}
     for split, (items, names, source) in splits.items():
         if args.csc and names != task.train_names:
-            print(f"--csc: the learned contexts belong to the training classes; no prompt exists for {split}")
+            print(f"--csc: the learned contexts belong to the training classes; none for {split}")
             continue
         loader = data.split_loader((items, names, source), task.backbone, args)
         features, labels = data.encode_images(model.encode_image, loader, device)  # once per split
-        batches = list(zip(features.split(args.test_batch_size), labels.split(args.test_batch_size)))
+        size = args.test_batch_size
+        batches = list(zip(features.split(size), labels.split(size)))
         model.prompt_learner.set_classes(names)
         metrics = data.evaluate(model, batches)
         rows[ours][split], test_loss[split] = metrics["acc"], metrics["loss"]
-        zero_shot = data.ZeroShotCLIP(task.backbone.model, task.backbone.tokenize, names, source.template)
+        zero_shot = data.ZeroShotCLIP(task.backbone.model, task.backbone.tokenize, names,
+                                      source.template)
         rows["zero-shot CLIP"][split] = data.evaluate(zero_shot, batches)["acc"]
     model.prompt_learner.set_classes(task.train_names)
     return data.result_record(method_name(args), args, task, rows, ours, splits, test_loss)
@@ -408,6 +413,7 @@ def evaluate_run(model, task, args, device) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except data.UsageError as error:  # a mistake the user can fix: one line that says what to do, no traceback
+    # a mistake the user can fix: one line that says what to do, no traceback
+    except data.UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
