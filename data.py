@@ -1035,8 +1035,9 @@ def train_batches(items, benchmark: Benchmark, backbone: Backbone, batch_size: i
 
 
 def _decode_within(items, open_image, workers: int, memory_limit: int, device):
-    """Each item's image as a uint8 tensor [3, h, w] on `device` (PIL decodes in threads: it releases
-    the GIL), or None as soon as their bytes pass memory_limit."""
+    """Each item's image as a uint8 tensor [3, h, w] on `device` (a view of PIL's h x w x 3 pixels,
+    copied nowhere else; PIL decodes in threads: it releases the GIL), or None as soon as their bytes
+    pass memory_limit."""
     from concurrent.futures import ThreadPoolExecutor
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -1047,7 +1048,7 @@ def _decode_within(items, open_image, workers: int, memory_limit: int, device):
             total += image.numel()
             if total > memory_limit:
                 return None
-            images.append(image.contiguous().to(device))
+            images.append(image.to(device))
     finally:
         pool.shutdown(cancel_futures=True)
     return images
@@ -1090,7 +1091,8 @@ def _resized_crop(image: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
     bicubic antialias as float in 0..255, not yet clamped or rounded (torchvision's tensor path
     resizes in float32 the same way; the caller clamps and rounds a whole batch at once)."""
     top, left, h, w = box
-    crop = image[None, :, top:top + h, left:left + w].float()  # [1, 3, h, w]
+    crop = image[None, :, top:top + h, left:left + w]
+    crop = crop.to(torch.float32, memory_format=torch.contiguous_format)  # [1, 3, h, w]
     return torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True,
                                            align_corners=False)[0]
 
@@ -1102,7 +1104,8 @@ class DecodedBatches:
 
     def __init__(self, images: list, labels: torch.Tensor, backbone: Backbone, batch_size: int,
                  seed: int, device: torch.device):
-        self.images, self.labels, self.batch_size, self.device = images, labels, batch_size, device
+        self.images, self.batch_size, self.device = images, batch_size, device
+        self.labels = labels.to(device)  # [N] long
         self.size = backbone.image_size
         self.mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
@@ -1113,9 +1116,10 @@ class DecodedBatches:
         return n // self.batch_size if n >= self.batch_size else 1
 
     def __iter__(self):
-        order = torch.randperm(len(self.images), generator=self.generator).tolist()
+        order = torch.randperm(len(self.images), generator=self.generator)
+        order_on_device = order.to(self.device)  # once an epoch: no host-to-device copy per batch
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            chosen = order[start:start + self.batch_size]
+            chosen = order[start:start + self.batch_size].tolist()
             views = []
             for k in chosen:  # crops differ in size: one resize per image
                 image = self.images[k]
@@ -1124,7 +1128,7 @@ class DecodedBatches:
                 views.append(view.flip(-1) if flip else view)
             x = torch.stack(views).clamp_(0, 255).round_()  # [B, 3, S, S]: what a uint8 resize keeps
             x = x.div_(255).sub_(self.mean).div_(self.std)  # ToTensor, then Normalize
-            yield x, self.labels[chosen].to(self.device)
+            yield x, self.labels[order_on_device[start:start + self.batch_size]]
 
 
 class DeviceLoader:

@@ -250,3 +250,12 @@ def test_cuda_batches_match_the_cpu_ones(items):
         assert xc.device.type == yc.device.type == "cuda" and torch.equal(y, yc.cpu())
         levels = ((xc.cpu() - x) * torch.tensor(data.CLIP_STD).view(1, 3, 1, 1) * 255).abs()
         assert levels.max() <= 1 + 1e-3 and levels.mean() < 0.05
+    # past the epoch's start (one copy of the permutation) a batch waits for nothing on the GPU: the
+    # host draws and launches the next batch while the step runs
+    epoch = iter(data.train_batches(items, bench, backbone, 4, seed=6, device="cuda"))
+    next(epoch)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        next(epoch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
