@@ -957,6 +957,10 @@ def transfer_targets(name: str) -> list:
     return list(CROSS_DATASET_TARGETS.get(name, ()))
 
 
+CROP_SCALE = (0.08, 1.0)  # the training crop's area fraction (the papers')...
+CROP_RATIO = (3 / 4, 4 / 3)  # ...and aspect ratio (torchvision's default)
+
+
 def make_transform(backbone: Backbone, train: bool):
     """The papers' transforms (Dassl INPUT of every CoOp config). Train: random resized crop with
     scale (0.08, 1), bicubic, and a horizontal flip. Test: shorter side to the input size, centre
@@ -964,7 +968,8 @@ def make_transform(backbone: Backbone, train: bool):
     from torchvision import transforms as T
 
     bicubic, size = T.InterpolationMode.BICUBIC, backbone.image_size
-    head = ([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()]
+    head = ([T.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=bicubic),
+             T.RandomHorizontalFlip()]
             if train else [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)])
     return T.Compose(head + [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)])
 
@@ -987,7 +992,8 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
     image in each pass (make_transform, PIL), in `workers` processes. Training: augmented when
     benchmark.augment, shuffled by a generator seeded with `seed`, and drop_last only when there is
     at least one full batch (Dassl). Evaluation: fixed order, no augmentation. The method files'
-    training batches come from train_batches, which decodes each image once; it falls back to this."""
+    training batches come from train_batches, which decodes each image once (or falls back to
+    this)."""
     augment = train and benchmark.augment
     return torch.utils.data.DataLoader(
         ImageItems(items, benchmark.open_image, make_transform(backbone, augment)),
@@ -997,31 +1003,31 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
-# Training batches from images decoded once. The few-shot sets are small (16 shots x 50 classes of
-# Caltech101's ~300x200 images: 144 MB as uint8), so decoding them every epoch, as a DataLoader does,
-# is the wasted work; the crop, resize, flip and normalisation run as tensor ops on the device.
+# Training batches from images decoded once. The few-shot sets are small (16 shots x 50 classes
+# of Caltech101's ~300x200 images: 144 MB as uint8), so decoding them every epoch, as a DataLoader
+# does, is the wasted work; the crop, resize, flip and normalisation run as tensor ops on the
+# device.
 TRAIN_MEMORY_LIMIT = 4 * 2**30  # bytes of decoded training images train_batches keeps by default
-CROP_SCALE = (0.08, 1.0)  # make_transform's RandomResizedCrop: area fraction...
-CROP_RATIO = (3 / 4, 4 / 3)  # ...and aspect ratio (torchvision's default)
 
 
 def train_batches(items, benchmark: Benchmark, backbone: Backbone, batch_size: int, seed: int = 0,
                   workers: int = 0, device="cpu", memory_limit: int = TRAIN_MEMORY_LIMIT):
     """The training batches of a run: an iterable with len() of (images [B, 3, S, S] float32
-    normalised, labels [B] long), both on `device`, S = backbone.image_size, and `.generator`, the CPU
-    torch.Generator (seeded with `seed`) that draws every random choice of an epoch; its state after
-    an epoch determines all later epochs (the method files checkpoint it as rng "loader").
+    normalised, labels [B] long), both on `device`, S = backbone.image_size, and `.generator`, the
+    CPU torch.Generator (seeded with `seed`) that draws every random choice of an epoch; its state
+    after an epoch determines all later epochs (the method files checkpoint it as rng "loader").
 
     benchmark.augment (real datasets): the images are decoded once, at source resolution, in
     max(1, workers) threads, and kept on `device` as uint8 (DecodedBatches); each epoch draws a
     permutation, then per image a RandomResizedCrop box (scale CROP_SCALE, ratio CROP_RATIO,
     torchvision's algorithm) and a flip with p = 0.5, all from `.generator`, and resizes the crop on
-    the device (bicubic, antialias). Same distribution as make_loader(items, ..., True, ...), not the
-    same draws. A smaller stored copy cannot give the same pixels: a crop may cover 8 % of the image
-    and is resized from its own pixels, so the source resolution is kept. When the decoded images
-    pass `memory_limit` bytes it prints so and falls back to make_loader(items, ..., True, ...)
-    (decoding every epoch in `workers` processes), batches moved to `device` (DeviceLoader).
-    Without benchmark.augment (the world) it is that DataLoader too: the test transform, shuffled."""
+    the device (bicubic, antialias). Same distribution as make_loader(items, ..., True, ...), not
+    the same draws. A smaller stored copy cannot give the same pixels: a crop may cover 8 % of the
+    image and is resized from its own pixels, so the source resolution is kept. When the decoded
+    images pass `memory_limit` bytes it prints so and falls back to make_loader(items, ..., True,
+    ...) (decoding every epoch in `workers` processes), batches moved to `device` (DeviceLoader).
+    Without benchmark.augment (the world) it is that DataLoader too: the test transform, shuffled.
+    """
     device = torch.device(device)
     if benchmark.augment:
         images = _decode_within(items, benchmark.open_image, workers, memory_limit, device)
@@ -1029,15 +1035,16 @@ def train_batches(items, benchmark: Benchmark, backbone: Backbone, batch_size: i
             labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
             return DecodedBatches(images, labels, backbone, batch_size, seed, device)
         print(f"train_batches: the {len(items)} training images take more than "
-              f"{memory_limit / 2**30:.3g} GiB decoded (memory_limit): decoding them every epoch in "
-              f"the DataLoader instead")
-    return DeviceLoader(make_loader(items, benchmark, backbone, True, batch_size, seed, workers), device)
+              f"{memory_limit / 2**30:.3g} GiB decoded (memory_limit): decoding them every epoch "
+              f"in the DataLoader instead")
+    loader = make_loader(items, benchmark, backbone, True, batch_size, seed, workers)
+    return DeviceLoader(loader, device)
 
 
 def _decode_within(items, open_image, workers: int, memory_limit: int, device):
-    """Each item's image as a uint8 tensor [3, h, w] on `device` (a view of PIL's h x w x 3 pixels,
-    copied nowhere else; PIL decodes in threads: it releases the GIL), or None as soon as their bytes
-    pass memory_limit."""
+    """Each item's image as a uint8 tensor [3, h, w] on `device` (a view of PIL's h x w x 3
+    pixels, copied nowhere else; PIL decodes in threads: it releases the GIL), or None as soon as
+    their bytes pass memory_limit."""
     from concurrent.futures import ThreadPoolExecutor
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -1057,14 +1064,15 @@ def _decode_within(items, open_image, workers: int, memory_limit: int, device):
 def _crop_box(height: int, width: int, generator: torch.Generator) -> tuple:
     """(top, left, h, w): torchvision's RandomResizedCrop.get_params(scale=CROP_SCALE,
     ratio=CROP_RATIO) draw for draw, from `generator` instead of the global RNG: up to 10 tries of
-    an area fraction uniform in CROP_SCALE and a log aspect ratio uniform in log CROP_RATIO, the first
-    box that fits placed uniformly; else the centre crop of the whole image, its aspect ratio clamped
-    to CROP_RATIO."""
+    an area fraction uniform in CROP_SCALE and a log aspect ratio uniform in log CROP_RATIO, the
+    first box that fits placed uniformly; else the centre crop of the whole image, its aspect ratio
+    clamped to CROP_RATIO."""
     area = height * width
-    log_lo, log_hi = torch.log(torch.tensor(CROP_RATIO)).tolist()  # float32, as torchvision has them
+    log_lo, log_hi = torch.log(torch.tensor(CROP_RATIO)).tolist()  # float32, as in torchvision
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(*CROP_SCALE, generator=generator).item()
-        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator)).item()
+        log_ratio = torch.empty(1).uniform_(log_lo, log_hi, generator=generator)
+        aspect_ratio = torch.exp(log_ratio).item()
         w = round(math.sqrt(target_area * aspect_ratio))
         h = round(math.sqrt(target_area / aspect_ratio))
         if 0 < w <= width and 0 < h <= height:
@@ -1087,8 +1095,8 @@ def _draw_view(height: int, width: int, generator: torch.Generator) -> tuple:
 
 
 def _resized_crop(image: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
-    """The crop `box` = (top, left, h, w) of a uint8 image [3, H, W], resized to [3, size, size] with
-    bicubic antialias as float in 0..255, not yet clamped or rounded (torchvision's tensor path
+    """The crop `box` = (top, left, h, w) of a uint8 image [3, H, W], resized to [3, size, size]
+    with bicubic antialias as float in 0..255, not yet clamped or rounded (torchvision's tensor path
     resizes in float32 the same way; the caller clamps and rounds a whole batch at once)."""
     top, left, h, w = box
     crop = image[None, :, top:top + h, left:left + w]
@@ -1098,9 +1106,9 @@ def _resized_crop(image: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
 
 
 class DecodedBatches:
-    """train_batches' in-memory path: uint8 images [3, h, w] on the device, augmented there per batch
-    (see train_batches). Batches follow make_loader's rules: shuffled each epoch, drop_last only when
-    there is at least one full batch."""
+    """train_batches' in-memory path: uint8 images [3, h, w] on the device, augmented there per
+    batch (see train_batches). Batches follow make_loader's rules: shuffled each epoch, drop_last
+    only when there is at least one full batch."""
 
     def __init__(self, images: list, labels: torch.Tensor, backbone: Backbone, batch_size: int,
                  seed: int, device: torch.device):
@@ -1126,7 +1134,7 @@ class DecodedBatches:
                 box, flip = _draw_view(image.shape[1], image.shape[2], self.generator)
                 view = _resized_crop(image, box, self.size)
                 views.append(view.flip(-1) if flip else view)
-            x = torch.stack(views).clamp_(0, 255).round_()  # [B, 3, S, S]: what a uint8 resize keeps
+            x = torch.stack(views).clamp_(0, 255).round_()  # [B, 3, S, S] as a uint8 resize keeps
             x = x.div_(255).sub_(self.mean).div_(self.std)  # ToTensor, then Normalize
             yield x, self.labels[order_on_device[start:start + self.batch_size]]
 

@@ -1,9 +1,9 @@
 """data.train_batches: training images decoded once and augmented with tensor ops on the device.
 
-The random part (crop boxes, flips) is checked against torchvision's own draws, statistically and draw
-for draw; the deterministic part (crop, resize, flip, normalise) against torchvision's tensor path
-exactly and against the PIL path of today's loader to interpolation rounding; then resume, the
-memory bound's fallback, and the epoch's bookkeeping (shapes, labels, every item once)."""
+The random part (crop boxes, flips) is checked against torchvision's own draws, statistically and
+draw for draw; the deterministic part (crop, resize, flip, normalise) against torchvision's tensor
+path exactly and against the PIL path of today's loader to interpolation rounding; then resume,
+the memory bound's fallback, and the epoch's bookkeeping (shapes, labels, every item once)."""
 import math
 
 import numpy as np
@@ -70,7 +70,7 @@ def box_stats(boxes, height, width):
 
 
 def torchvision_boxes(n, height, width, seed, scale=(0.08, 1.0)):
-    """n draws of torchvision's RandomResizedCrop.get_params from the global RNG seeded with `seed`."""
+    """n draws of torchvision's RandomResizedCrop.get_params, global RNG seeded with `seed`."""
     image = torch.empty(3, height, width)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -87,7 +87,8 @@ def test_crop_boxes_follow_torchvision_distribution():
     for a, b in zip(ours, theirs):
         assert ks_2samp(a, b).pvalue > 1e-3
     # the test can see a wrong range: torchvision's own boxes at scale (0.2, 1) are rejected
-    wrong_scale = box_stats(torchvision_boxes(n, height, width, seed=3, scale=(0.2, 1.0)), height, width)
+    wrong = torchvision_boxes(n, height, width, seed=3, scale=(0.2, 1.0))
+    wrong_scale = box_stats(wrong, height, width)
     assert ks_2samp(ours[0], wrong_scale[0]).pvalue < 1e-6
 
 
@@ -112,7 +113,7 @@ def test_flip_rate_is_one_half():
 
 def replayed_views(batches, items, epoch_start_state):
     """The draws an epoch makes from the generator state at its start, replayed in train_batches'
-    order (the permutation, then per image its box and flip): [(item index, box, flip)] per batch."""
+    order (the permutation, then per image its box and flip): [(item index, box, flip)] a batch."""
     generator = torch.Generator()
     generator.set_state(epoch_start_state)
     order = torch.randperm(len(items), generator=generator).tolist()
@@ -149,10 +150,11 @@ def test_batches_equal_torchvision_tensor_path(tmp_path):
 
 
 def test_views_match_pil_path_to_interpolation_rounding(items):
-    # today's loader: PIL crop + bicubic resize of the same box (torchvision's PIL path). PIL resizes
-    # in fixed point with an 8-bit image between its horizontal and vertical pass; measured on these
-    # smooth images over 800 boxes: max 2, mean 0.17 (0-255 units). On random pixels PIL's 8-bit
-    # intermediate clips the bicubic overshoot and the difference reaches ~25: see the README.
+    # today's loader: PIL crop + bicubic resize of the same box (torchvision's PIL path). PIL
+    # resizes in fixed point with an 8-bit image between its horizontal and vertical pass; measured
+    # on these smooth images over 800 boxes: max 2, mean 0.17 (0-255 units). On random pixels PIL's
+    # 8-bit intermediate clips the bicubic overshoot and the difference reaches ~21-25: see
+    # kernels/README.md.
     generator = torch.Generator().manual_seed(0)
     worst, means = 0.0, []
     for item in items:
@@ -179,7 +181,7 @@ def test_resume_from_the_generator_state_is_bit_exact(items):
     first = list(run)
     saved = run.generator.get_state()  # what a checkpoint keeps after epoch 1
     second = list(run)
-    resumed = data.train_batches(items, bench, backbone, 4, seed=99)  # the state decides, not the seed
+    resumed = data.train_batches(items, bench, backbone, 4, seed=99)  # the state decides
     resumed.generator.set_state(saved)
     again = list(resumed)
     assert len(second) == len(again) == 2
