@@ -1043,15 +1043,16 @@ def train_batches(items, benchmark: Benchmark, backbone: Backbone, batch_size: i
 
 def _decode_within(items, open_image, workers: int, memory_limit: int, device):
     """Each item's image as a uint8 tensor [3, h, w] on `device` (a view of PIL's h x w x 3
-    pixels, copied nowhere else; PIL decodes in threads: it releases the GIL), or None as soon as
+    pixels, not a transposed copy; PIL decodes in threads: it releases the GIL), or None as soon as
     their bytes pass memory_limit."""
     from concurrent.futures import ThreadPoolExecutor
     from torchvision.transforms.functional import pil_to_tensor
 
+    sources = [source for source, _, _ in items]
     images, total = [], 0
     pool = ThreadPoolExecutor(max(1, workers))
     try:
-        for image in pool.map(lambda item: pil_to_tensor(open_image(item.source)), items):
+        for image in pool.map(lambda source: pil_to_tensor(open_image(source)), sources):
             total += image.numel()
             if total > memory_limit:
                 return None
