@@ -39,7 +39,12 @@ API CONTRACT (used by the method files; keep these names and meanings):
   default_backbone(dataset) -> (model, pretrained)   # ('tiny', 'shapes') for the world
   WORLD_PREFIX = "shapes"                # a dataset name starting with it is the offline world's
   make_loader(items, benchmark, backbone, train, batch_size, seed, workers) -> DataLoader of
-      (images [B, 3, H, W] float normalised, labels [B] long)
+      (images [B, 3, H, W] float normalised, labels [B] long) on the CPU, decoded in every pass
+  train_batches(items, benchmark, backbone, batch_size, seed, workers, device, memory_limit=4 GiB)
+      -> the training batches, (images, labels) as make_loader's with train=True but on `device`;
+      len() and .generator (CPU; its state after an epoch fixes the later epochs: checkpoint it).
+      With benchmark.augment the images are decoded once and kept on `device` as uint8 (up to
+      memory_limit bytes, else make_loader's path), and cropped, resized, flipped there.
   harmonic_mean(base, new); atomic_save(obj, path); atomic_write_text(text, path);
   load_checkpoint(path) -> dict (CPU, weights_only); append_result(path, record)
 
@@ -55,8 +60,10 @@ API CONTRACT (used by the method files; keep these names and meanings):
   check_float(name, value, minimum=None, above=None, below=None): setting checks that raise
       UsageError, e.g. check_float("--lr", args.lr, above=0) -> "--lr must be a finite number > 0, got nan"
 
-Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD, DATASETS (the registry of real datasets),
-make_transform(backbone, train), read_results(dir), results_table(records).
+Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD,
+DATASETS (the registry of real datasets), make_transform(backbone, train), read_results(dir),
+results_table(records), TRAIN_MEMORY_LIMIT (train_batches' default, bytes), CROP_SCALE/CROP_RATIO
+(the training crop's ranges).
 """
 from __future__ import annotations
 
@@ -949,6 +956,10 @@ def transfer_targets(name: str) -> list:
     return list(CROSS_DATASET_TARGETS.get(name, ()))
 
 
+CROP_SCALE = (0.08, 1.0)  # the training crop's area fraction (the papers')...
+CROP_RATIO = (3 / 4, 4 / 3)  # ...and aspect ratio (torchvision's default)
+
+
 def make_transform(backbone: Backbone, train: bool):
     """The papers' transforms (Dassl INPUT of every CoOp config). Train: random resized crop with
     scale (0.08, 1), bicubic, and a horizontal flip. Test: shorter side to the input size, centre
@@ -956,7 +967,8 @@ def make_transform(backbone: Backbone, train: bool):
     from torchvision import transforms as T
 
     bicubic, size = T.InterpolationMode.BICUBIC, backbone.image_size
-    head = ([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()]
+    head = ([T.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=bicubic),
+             T.RandomHorizontalFlip()]
             if train else [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)])
     return T.Compose(head + [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)])
 
@@ -975,9 +987,12 @@ class ImageItems(torch.utils.data.Dataset):
 
 def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, batch_size: int,
                 seed: int = 0, workers: int = 0):
-    """Batches of (images [B, 3, H, W], labels [B]). Training: augmented when benchmark.augment,
-    shuffled by a generator seeded with `seed`, and drop_last only when there is at least one full
-    batch (Dassl). Evaluation: fixed order, no augmentation."""
+    """A DataLoader of (images [B, 3, H, W], labels [B]) on the CPU that opens and transforms every
+    image in each pass (make_transform, PIL), in `workers` processes. Training: augmented when
+    benchmark.augment, shuffled by a generator seeded with `seed`, and drop_last only when there is
+    at least one full batch (Dassl). Evaluation: fixed order, no augmentation. The method files'
+    training batches come from train_batches, which decodes each image once (or falls back to
+    this)."""
     augment = train and benchmark.augment
     return torch.utils.data.DataLoader(
         ImageItems(items, benchmark.open_image, make_transform(backbone, augment)),
@@ -985,6 +1000,158 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
         generator=torch.Generator().manual_seed(seed),  # the shuffle order and the workers' seeds
         drop_last=train and len(items) >= batch_size,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+# Training batches from images decoded once. The few-shot sets are small (16 shots x 50 classes
+# of Caltech101's ~300x200 images: 144 MB as uint8), so decoding them every epoch, as a DataLoader
+# does, is the wasted work; the crop, resize, flip and normalisation run as tensor ops on the
+# device.
+TRAIN_MEMORY_LIMIT = 4 * 2**30  # bytes of decoded training images train_batches keeps by default
+
+
+def train_batches(items, benchmark: Benchmark, backbone: Backbone, batch_size: int, seed: int = 0,
+                  workers: int = 0, device="cpu", memory_limit: int = TRAIN_MEMORY_LIMIT):
+    """The training batches of a run: an iterable with len() of (images [B, 3, S, S] float32
+    normalised, labels [B] long), both on `device`, S = backbone.image_size, and `.generator`, the
+    CPU torch.Generator (seeded with `seed`) that draws every random choice of an epoch; its state
+    after an epoch determines all later epochs (the method files checkpoint it as rng "loader").
+
+    benchmark.augment (real datasets): the images are decoded once, at source resolution, in
+    max(1, workers) threads, and kept on `device` as uint8 (DecodedBatches); each epoch draws a
+    permutation, then per image a RandomResizedCrop box (scale CROP_SCALE, ratio CROP_RATIO,
+    torchvision's algorithm) and a flip with p = 0.5, all from `.generator`, and resizes the crop on
+    the device (bicubic, antialias). Same distribution as make_loader(items, ..., True, ...), not
+    the same draws. A smaller stored copy cannot give the same pixels: a crop may cover 8 % of the
+    image and is resized from its own pixels, so the source resolution is kept. When the decoded
+    images pass `memory_limit` bytes it prints so and falls back to make_loader(items, ..., True,
+    ...) (decoding every epoch in `workers` processes), batches moved to `device` (DeviceLoader).
+    Without benchmark.augment (the world) it is that DataLoader too: the test transform, shuffled.
+    """
+    device = torch.device(device)
+    if benchmark.augment:
+        images = _decode_within(items, benchmark.open_image, workers, memory_limit, device)
+        if images is not None:
+            labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
+            return DecodedBatches(images, labels, backbone, batch_size, seed, device)
+        print(f"train_batches: the {len(items)} training images take more than "
+              f"{memory_limit / 2**30:.3g} GiB decoded (memory_limit): decoding them every epoch "
+              f"in the DataLoader instead")
+    loader = make_loader(items, benchmark, backbone, True, batch_size, seed, workers)
+    return DeviceLoader(loader, device)
+
+
+def _decode_within(items, open_image, workers: int, memory_limit: int, device):
+    """Each item's image as a uint8 tensor [3, h, w] on `device` (a view of PIL's h x w x 3
+    pixels, not a transposed copy; PIL decodes in threads: it releases the GIL), or None as soon as
+    their bytes pass memory_limit."""
+    from concurrent.futures import ThreadPoolExecutor
+    from torchvision.transforms.functional import pil_to_tensor
+
+    sources = [source for source, _, _ in items]
+    images, total = [], 0
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        for image in pool.map(lambda source: pil_to_tensor(open_image(source)), sources):
+            total += image.numel()
+            if total > memory_limit:
+                return None
+            images.append(image.to(device))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return images
+
+
+def _crop_box(height: int, width: int, generator: torch.Generator) -> tuple:
+    """(top, left, h, w): torchvision's RandomResizedCrop.get_params(scale=CROP_SCALE,
+    ratio=CROP_RATIO) draw for draw, from `generator` instead of the global RNG: up to 10 tries of
+    an area fraction uniform in CROP_SCALE and a log aspect ratio uniform in log CROP_RATIO, the
+    first box that fits placed uniformly; else the centre crop of the whole image, its aspect ratio
+    clamped to CROP_RATIO."""
+    area = height * width
+    log_lo, log_hi = torch.log(torch.tensor(CROP_RATIO)).tolist()  # float32, as in torchvision
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(*CROP_SCALE, generator=generator).item()
+        log_ratio = torch.empty(1).uniform_(log_lo, log_hi, generator=generator)
+        aspect_ratio = torch.exp(log_ratio).item()
+        w = round(math.sqrt(target_area * aspect_ratio))
+        h = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return top, left, h, w
+    if width / height < min(CROP_RATIO):
+        w, h = width, round(width / min(CROP_RATIO))
+    elif width / height > max(CROP_RATIO):
+        w, h = round(height * max(CROP_RATIO)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _draw_view(height: int, width: int, generator: torch.Generator) -> tuple:
+    """The random draws of one training view, in make_transform's order: (crop box, flip)."""
+    box = _crop_box(height, width, generator)
+    return box, torch.rand(1, generator=generator).item() < 0.5  # RandomHorizontalFlip(p=0.5)
+
+
+def _resized_crop(image: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
+    """The crop `box` = (top, left, h, w) of a uint8 image [3, H, W], resized to [3, size, size]
+    with bicubic antialias as float in 0..255, not yet clamped or rounded (torchvision's tensor path
+    resizes in float32 the same way; the caller clamps and rounds a whole batch at once)."""
+    top, left, h, w = box
+    crop = image[None, :, top:top + h, left:left + w]
+    crop = crop.to(torch.float32, memory_format=torch.contiguous_format)  # [1, 3, h, w]
+    return torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True,
+                                           align_corners=False)[0]
+
+
+class DecodedBatches:
+    """train_batches' in-memory path: uint8 images [3, h, w] on the device, augmented there per
+    batch (see train_batches). Batches follow make_loader's rules: shuffled each epoch, drop_last
+    only when there is at least one full batch."""
+
+    def __init__(self, images: list, labels: torch.Tensor, backbone: Backbone, batch_size: int,
+                 seed: int, device: torch.device):
+        self.images, self.batch_size, self.device = images, batch_size, device
+        self.labels = labels.to(device)  # [N] long
+        self.size = backbone.image_size
+        self.mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if n >= self.batch_size else 1
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images), generator=self.generator)
+        order_on_device = order.to(self.device)  # once an epoch: no host-to-device copy per batch
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            chosen = order[start:start + self.batch_size].tolist()
+            views = []
+            for k in chosen:  # crops differ in size: one resize per image
+                image = self.images[k]
+                box, flip = _draw_view(image.shape[1], image.shape[2], self.generator)
+                view = _resized_crop(image, box, self.size)
+                views.append(view.flip(-1) if flip else view)
+            x = torch.stack(views).clamp_(0, 255).round_()  # [B, 3, S, S] as a uint8 resize keeps
+            x = x.div_(255).sub_(self.mean).div_(self.std)  # ToTensor, then Normalize
+            yield x, self.labels[order_on_device[start:start + self.batch_size]]
+
+
+class DeviceLoader:
+    """A DataLoader whose batches arrive on `device` (train_batches' DataLoader path); its
+    .generator is the DataLoader's (the shuffle order and the workers' seeds)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device):
+        self.loader, self.device, self.generator = loader, device, loader.generator
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 # ==================================================================================================

@@ -4,6 +4,8 @@ torch.compile of the readable reference.
     python3 kernels/bench.py                                  # ProReg loss, fp32, T = 1, full grid
     python3 kernels/bench.py --dtype bf16 --temperature 2 --mode promptsrc
     python3 kernels/bench.py steps ...                        # a method file's training step (bench_steps.py)
+    python3 kernels/bench.py loader --root DIR                # training images/s: DataLoader vs
+                                                              # data.train_batches (bench_loader.py)
 
 On CUDA: triton.testing.do_bench (median ms) per (B, C); GB/s counts the least traffic a fused loss
 must move (read student and teacher, write the student gradient, read labels) and is set against the
@@ -184,5 +186,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["steps"]:
         from kernels import bench_steps
         bench_steps.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["loader"]:
+        from kernels import bench_loader
+        bench_loader.main(sys.argv[2:])
     else:
         main(parse_args())
