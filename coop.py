@@ -38,7 +38,8 @@ Differs from the official code (KaiyangZhou/CoOp) in:
 - on CUDA the training step is recorded once as a CUDA graph and replayed (kernels.CapturedStep,
   when kernels/ is beside this file); the lr is a tensor filled in place each epoch, and SGD is the
   fused implementation there (same update).
-- a checkpoint is written after every epoch, with what the next epoch needs (--resume).
+- training images are decoded once; their random crops and flips are tensor ops on the step's
+  device (data.train_batches: torchvision's distribution, other draws). A checkpoint each epoch.
 
 Reading map: PromptLearner (the learned context), PromptedCLIP (the logits), train_step (the
 objective), then main (the recipe). data.py holds the run machinery (flags, run folder, checkpoints,
@@ -372,9 +373,9 @@ def training_batches(model, items, task, args, device):
     """Training batches of (images, labels), or of (frozen image features, labels) where no random
     augmentation applies: the frozen encoder then gives an image the same feature in every epoch."""
     benchmark, backbone = task.benchmark, task.backbone
-    if benchmark.augment:  # random crops and flips: the image encoder runs on every training batch
-        return data.make_loader(items, benchmark, backbone, True, args.batch_size, args.seed,
-                                args.workers)
+    if benchmark.augment:  # random crops and flips, on the device: the encoder runs on every batch
+        return data.train_batches(items, benchmark, backbone, args.batch_size, args.seed,
+                                  args.workers, device)
     print(f"no training augmentation on {args.dataset}: caching the frozen image features of the "
           f"{len(items)} training images once (exact)")
     plain = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed,

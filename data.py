@@ -12,6 +12,8 @@ method. Sections, top to bottom:
   6. few-shot sampling, base/new split, transforms, loaders
   7. results: one JSON line per run, and `python data.py table [RUNS_DIR]` (default runs/) for the
      mean +- std table
+  8. runs: what every method file does the same way (common flags and their checks, the run
+     folder, checkpoints, the protocols' test sets, evaluation, the zero-shot row, results)
 
 The built-in offline world (the 'shapes...' datasets and the 'tiny' backbone) lives in world/ beside
 this file; load_dataset and load_backbone import it only when asked for it, so this file and a
@@ -59,6 +61,21 @@ API CONTRACT (used by the method files; keep these names and meanings):
   require(condition, message); check_int(name, value, minimum);
   check_float(name, value, minimum=None, above=None, below=None): setting checks that raise
       UsageError, e.g. check_float("--lr", args.lr, above=0) -> "--lr must be a finite number > 0, got nan"
+
+Runs (section 8; a method file's main calls these, see the example at the section's head):
+  add_run_flags(parser, ...); resolve_run_args(args); check_run_args(args, min_epochs, min_shots);
+  check_warmup(name, value, epochs); eval_datasets(args); run_device(name) -> torch.device
+  start_run(args, method, resolve, check) -> (args, saved checkpoint or None, run folder, device)
+  make_run_folder(out, args, saved); seed_everything(seed)
+  load_task(args, device) -> Task(benchmark, targets, backbone, train_classes, train_names)
+  training_items(task, args, cache); evaluation_sets(task, protocol); split_loader(split, backbone, args)
+  save_checkpoint(path, args, epoch, model, optimizer, generator, train, extra);
+  restore_checkpoint(saved, model, optimizer, generator) -> epochs done; load_learned(model, learned)
+  epoch_bar(args, start); epoch_fit(losses, correct, seen, epoch, lr) -> {loss, acc} (stops on NaN)
+  autocast(device); evaluate(model, loader); encode_images(encode, loader, device); ZeroShotCLIP
+  print_results(title, rows, columns); result_record(method, args, task, rows, ours, splits,
+  test_loss, **more); finish_run(out, record, args, start_time)
+  PROTOCOLS {protocol: training classes}; LOCAL_SETTINGS (may change on --resume/--evaluate)
 
 Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD,
 DATASETS (the registry of real datasets), make_transform(backbone, train), read_results(dir),
