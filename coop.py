@@ -357,12 +357,12 @@ def main(args):
 
     for epoch in data.epoch_bar(args, start_epoch):
         lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
-        losses, correct, seen = [], 0, 0
+        losses, correct, seen, started = [], 0, 0, time.time()
         for x, y in train_loader:
             loss, n_correct = step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             losses.append(loss)
             correct, seen = correct + n_correct, seen + len(y)
-        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args))
+        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args), started)
         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
                              train_loader.generator, fit)
 

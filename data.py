@@ -1549,9 +1549,12 @@ def split_loader(split, backbone: Backbone, args):
 def save_checkpoint(path, args, epoch: int, model, optimizer, generator=None, train=None, extra=None) -> None:
     """After each epoch, atomically: the learned tensors (the parameters that require grad) and what the
     next epoch depends on: the optimiser state, the random states of Python, NumPy, torch (CUDA too) and
-    of `generator` (the training batches' shuffling), the epoch's training fit (`train`: loss and
-    accuracy) and a method's own state (`extra`, e.g. PromptSRC's prompt average). Plain tensors,
-    numbers and strings only, so that it loads with weights_only=True."""
+    of `generator` (the training batches' shuffling), the epoch's training fit (`train`, epoch_fit's)
+    and a method's own state (`extra`, e.g. PromptSRC's prompt average). Plain tensors, numbers and
+    strings only, so that it loads with weights_only=True. The fit is also appended to log.jsonl
+    beside it (see append_log), before the checkpoint, so that a resumed run repeats no epoch there."""
+    if train is not None:
+        append_log(Path(path).parent / "log.jsonl", {"epoch": epoch, **train})
     python_state, numpy_state = random.getstate(), np.random.get_state()
     atomic_save({
         "learned": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -1562,6 +1565,21 @@ def save_checkpoint(path, args, epoch: int, model, optimizer, generator=None, tr
                 "torch": torch.get_rng_state(), "loader": None if generator is None else generator.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }, path)
+
+
+def append_log(path, entry: dict) -> None:
+    """log.jsonl, one JSON line per epoch: the lines of earlier epochs, then `entry`, written whole
+    and atomically (a run resumed after a kill rewrites the epoch it repeats, never doubles it)."""
+    path = Path(path)
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < entry["epoch"]]
+    atomic_write_text("".join(f"{line}\n" for line in [*kept, json.dumps(entry)]), path)
+
+
+def read_log(run_dir) -> list:
+    """The epochs of a run's log.jsonl, as dicts (empty when it has none)."""
+    path = Path(run_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 @torch.no_grad()
@@ -1600,16 +1618,24 @@ def epoch_bar(args, start: int):
     return tqdm(range(start, args.epochs), desc="train", initial=start, total=args.epochs)
 
 
-def epoch_fit(losses: list, correct, seen: int, epoch: int, lr=None) -> dict:
+def epoch_fit(losses: list, correct, seen: int, epoch: int, lr=None, started=None, **terms) -> dict:
     """The epoch's training loss and accuracy (%) from its steps' loss tensors (one wait for the device
-    per epoch); a non-finite loss stops the run (UsageError) before anything is recorded as a result."""
+    per epoch), with its lr, its seconds since `started` (time.time() at its start) and a method's
+    own loss terms (name=list of step tensors, averaged); a non-finite loss stops the run (UsageError)
+    before anything is recorded as a result."""
     losses = torch.stack(losses).cpu()
     if not torch.isfinite(losses).all():
         bad = int((~torch.isfinite(losses)).nonzero()[0])
         at = "" if lr is None else f" (lr {lr:.3g})"
         raise UsageError(f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}{at}; "
                          "nothing was recorded as a result. Lower --lr.")
-    return {"loss": round(float(losses.mean()), 4), "acc": round(100 * float(correct) / max(seen, 1), 2)}
+    fit = {"loss": round(float(losses.mean()), 4), "acc": round(100 * float(correct) / max(seen, 1), 2)}
+    fit.update({name: round(float(torch.stack(values).float().mean()), 4) for name, values in terms.items()})
+    if lr is not None:
+        fit["lr"] = float(lr)
+    if started is not None:
+        fit["s"] = round(time.time() - started, 3)
+    return fit
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -1712,6 +1738,7 @@ def finish_run(out: Path, record: dict, args, start_time: float) -> dict:
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     record["train"] = checkpoint["train"]  # the last epoch's training loss and accuracy (%)
     record["wall_s"] = round(time.time() - start_time, 1)
+    record["train_s"] = round(sum(e.get("s", 0) for e in read_log(out)), 1)  # the epochs' own time
     atomic_write_text(json.dumps(record, indent=2), out / "results.json")
     atomic_save({**checkpoint, "metrics": record}, out / "checkpoint.pt")
     append_result(Path(args.results_file or out.parent / "results.jsonl"), record)

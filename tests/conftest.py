@@ -105,7 +105,11 @@ def check_run(run, method, epochs=2):
     assert results["method"] == method and results["shots"] == 2 and results["epoch"] == epochs
     assert results["hm"] == pytest.approx(2 * results["base"] * results["new"] / (results["base"] + results["new"]))
     assert set(results["zero_shot"]) >= {"base", "new", "hm"} and set(results["test_loss"]) == {"base", "new"}
-    assert {p.name for p in run.iterdir()} >= {"args.json", "fewshot.json", "results.json", "checkpoint.pt"}
+    assert {p.name for p in run.iterdir()} >= {"args.json", "fewshot.json", "results.json", "checkpoint.pt",
+                                               "log.jsonl"}
+    import data
+
+    assert [e["epoch"] for e in data.read_log(run)] == list(range(1, epochs + 1))
     assert len(json.loads((run / "fewshot.json").read_text())["items"]) == 2 * 4  # 2 shots x 4 classes
     lines = (run.parent / "results.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["base"] == results["base"]

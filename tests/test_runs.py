@@ -122,10 +122,21 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     for name, tensor in learned(whole).items():
         assert torch.equal(tensor, learned(killed)[name]), name
     a, b = (data.load_checkpoint(r / "checkpoint.pt")["metrics"] for r in (whole, killed))
-    assert (a["base"], a["new"], a["test_loss"], a["train"]) == (b["base"], b["new"], b["test_loss"], b["train"])
+    assert (a["base"], a["new"], a["test_loss"]) == (b["base"], b["new"], b["test_loss"])
+    untimed = lambda log: [{k: v for k, v in e.items() if k != "s"} for e in log]  # noqa: E731
+    log = data.read_log(whole)  # every epoch once, in order, the resumed run's equal but for the time
+    assert [e["epoch"] for e in log] == list(range(1, 13)) and untimed(log) == untimed(data.read_log(killed))
+    assert log[-1]["loss"] == a["train"]["loss"] and all(e["s"] > 0 for e in log)
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def test_the_log_keeps_one_line_per_epoch_when_an_epoch_is_repeated(tmp_path):
+    for epoch in (1, 2, 3, 2, 3):  # killed after epoch 3's log line, before its checkpoint: resumed at 2
+        data.append_log(tmp_path / "log.jsonl", {"epoch": epoch, "loss": float(epoch)})
+    assert data.read_log(tmp_path) == [{"epoch": e, "loss": float(e)} for e in (1, 2, 3)]
+    assert data.read_log(tmp_path / "nothing") == []
+
+
 def test_restore_checkpoint_puts_back_tensors_optimiser_and_every_random_state(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
