@@ -335,8 +335,7 @@ def main(args):
 
     # Data and model: the base half of the classes for base2new, every class otherwise.
     task = data.load_task(args, device)
-    clip, tokenize = task.backbone.model, task.backbone.tokenize
-    model = PromptedCLIP(clip, tokenize, task.train_names, args).to(device)
+    model, optimizer = build(task.backbone, task.train_names, args, device)
     if args.evaluate:
         data.load_learned(model, saved["learned"])
         return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
@@ -344,14 +343,13 @@ def main(args):
     train_items = data.training_items(task, args, cache=out / "fewshot.json")
     train_loader = training_batches(model, train_items, task, args, device)
 
-    # Optimiser: SGD on the context (and CoCoOp's meta-net); the schedule fills its lr tensor.
-    learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer = sgd(learned, args, device)
+    # The step: SGD on the context (and CoCoOp's meta-net); the schedule fills its lr tensor.
     lr = optimizer.param_groups[0]["lr"]
     step = functools.partial(train_step, model, optimizer)
     if kernels is not None and device.type == "cuda" and not args.eager:
         step = kernels.CapturedStep(train_step, model, optimizer)  # replayed as a CUDA graph
-    print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images "
+    learned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"learning {learned:,} parameters on {len(train_items)} images "
           f"of {len(task.train_names)} {task.train_classes} classes")
     start_epoch = data.restore_checkpoint(saved, model, optimizer, train_loader.generator)
 
@@ -367,6 +365,12 @@ def main(args):
                              train_loader.generator, fit)
 
     return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
+
+
+def build(backbone, classnames, args, device):
+    """The model for these classes and its optimiser (what main trains; kernels/bench_steps.py too)."""
+    model = PromptedCLIP(backbone.model, backbone.tokenize, classnames, args).to(device)
+    return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
 
 
 def training_batches(model, items, task, args, device):

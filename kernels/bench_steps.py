@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import random
 import sys
 import time
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import kernels  # noqa: E402
 
 # Caltech101's first 50 classes in CoOp's label order (its split file sorts the folder names, so the
 # capitalised Faces, Leopards and Motorbikes come first): the base classes of the base-to-new protocol.
@@ -61,7 +63,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's paper batch")
     p.add_argument("--ctx-init", default="a photo of a", help="as in coop.py ('' with --n-ctx for random)")
     p.add_argument("--n-ctx", type=int, default=4, help="as in coop.py")
-    p.add_argument("--samples", type=int, default=10, help="vprompt: L, the samples per step (released config: 10)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="vprompt: L, the samples per step (default: vprompt.py's for the dataset)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats per variant (median reported)")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -78,49 +81,33 @@ def class_names(which):
     return [CALTECH101_RENAMES.get(f, f) for f in CALTECH101_FOLDERS[:50]]
 
 
-PAPER_BATCH = {"coop": 32, "cocoop": 1, "vprompt": 1, "vprompt-conditional": 1, "promptsrc": 4}
+# method -> (method file, its flags): the benchmark builds each step only through what the method
+# file's own main uses (parse_args, resolve_settings, build, train_step), with its paper settings.
+METHODS = {"coop": ("coop", []), "cocoop": ("coop", ["--conditional"]), "promptsrc": ("promptsrc", []),
+           "vprompt": ("vprompt", []), "vprompt-conditional": ("vprompt", ["--conditional"])}
 # the coop.py step another method's step is set against (same batch, same run)
 BUILDS_ON = {"vprompt": "coop", "vprompt-conditional": "cocoop", "promptsrc": "coop"}
 
 
-def method_file(method):
-    """The method file that holds `method`'s model and train_step."""
-    import coop
-    if method == "promptsrc":
-        import promptsrc
-        return promptsrc
-    if method.startswith("vprompt"):
-        import vprompt
-        return vprompt
-    return coop
+def settings(method, backbone, args, truncate=True):
+    """The method file's resolved settings for `method` (its paper defaults on the benchmark's dataset)."""
+    name, flags = METHODS[method]
+    module = importlib.import_module(name)
+    argv = [*flags, "--dataset", "shapes" if args.classes == "world" else "caltech101",
+            "--model", backbone.name, "--pretrained", str(backbone.pretrained or "none"),
+            "--ctx-init", args.ctx_init, *([] if truncate else ["--no-truncate"])]
+    argv += ["--n-ctx-text" if name == "promptsrc" else "--n-ctx", str(args.n_ctx)]
+    if name == "vprompt" and args.samples:
+        argv += ["--samples", str(args.samples)]
+    return module, module.resolve_settings(module.parse_args(argv))
 
 
-def build(module, backbone, names, method, args, device, truncate=True):
-    if method == "promptsrc":
-        return build_promptsrc(backbone, names, args, device, truncate)
-    settings = argparse.Namespace(ctx_init=args.ctx_init, n_ctx=args.n_ctx, csc=False, class_token_position="end",
-                                  conditional=method in ("cocoop", "vprompt-conditional"), no_truncate=not truncate,
-                                  samples=args.samples)
+def build(method, backbone, names, args, device, truncate=True):
+    """(method file, model, optimiser, settings) as the method file's main builds them."""
+    module, resolved = settings(method, backbone, args, truncate)
     torch.manual_seed(0)
-    model = module.PromptedCLIP(backbone.model, backbone.tokenize, names, settings).to(device)
-    learned = [p for p in model.parameters() if p.requires_grad]
-    paper = argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4)
-    return model, module.sgd(learned, paper, device)
-
-
-def build_promptsrc(backbone, names, args, device, truncate=True):
-    """promptsrc.py's model at the paper's base-to-new settings (depth 9, capped at the model's blocks),
-    with the frozen text features of `names`, and its SGD."""
-    import promptsrc
-    settings = promptsrc.resolve_settings(promptsrc.parse_args(
-        ["--ctx-init", args.ctx_init, "--n-ctx-text", str(args.n_ctx), "--model", backbone.name,
-         "--pretrained", str(backbone.pretrained or "none"), *([] if truncate else ["--no-truncate"])]))
-    torch.manual_seed(0)
-    model = promptsrc.PromptedCLIP(backbone.model, backbone.tokenize, names, settings).to(device)
-    world = args.classes == "world"
-    model.set_frozen_text_features(names, promptsrc.frozen_templates("shapes" if world else "caltech101"))
-    learned = [p for p in model.parameters() if p.requires_grad]
-    return model, promptsrc.sgd(learned, settings, device)
+    model, optimizer = module.build(backbone, names, resolved, device)
+    return module, model, optimizer, resolved
 
 
 def official_step(model, optimizer, x, y):
@@ -170,8 +157,8 @@ def kernel_time(step, batch, device):
 
 
 def bench_method(backbone, names, method, args, device):
-    module = method_file(method)  # the file whose model and train_step are timed
-    batch_size = args.batch_size or PAPER_BATCH[method]
+    module, model, optimizer, resolved = build(method, backbone, names, args, device, truncate=False)
+    batch_size = args.batch_size or resolved.batch_size  # default: the method's paper batch
     size = backbone.image_size
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, 3, size, size, generator=gen).to(device),
@@ -181,37 +168,34 @@ def bench_method(backbone, names, method, args, device):
     def run(model, optimizer):
         return lambda x, y: module.train_step(model, optimizer, x, y)
 
-    model, optimizer = build(module, backbone, names, method, args, device, truncate=False)
     rows["full"] = time_steps(run(model, optimizer), batches[0], device, args.steps, args.repeats)
-    model, optimizer = build(module, backbone, names, method, args, device)
+    _, model, optimizer, _ = build(method, backbone, names, args, device)
     rows["eager"] = time_steps(run(model, optimizer), batches[0], device, args.steps, args.repeats)
-    longest = int(model.prompt_learner.eot.max()) + 1
-    out = {"method": method, "batch": batch_size, "classes": len(names), "longest": longest,
-           "context": backbone.model.positional_embedding.shape[0]}
+    out = {"method": method, "batch": batch_size, "classes": len(names)}
     if method in BUILDS_ON:  # coop.py's step of the method this one builds on, same batch, same run
-        base = method_file(BUILDS_ON[method])
-        model_b, optimizer_b = build(base, backbone, names, BUILDS_ON[method], args, device)
+        base, model_b, optimizer_b, _ = build(BUILDS_ON[method], backbone, names, args, device)
         out["builds_on"] = BUILDS_ON[method], time_steps(lambda x, y: base.train_step(model_b, optimizer_b, x, y),
                                                          batches[0], device, args.steps, args.repeats)
     if device.type == "cuda":
         out["kernel_s"], out["kernels"] = kernel_time(run(model, optimizer), batches[0], device)
-        model, optimizer = build(module, backbone, names, method, args, device)
-        captured = module.CapturedStep(module.train_step, model, optimizer)
+        _, model, optimizer, _ = build(method, backbone, names, args, device)
+        captured = kernels.CapturedStep(module.train_step, model, optimizer)
         rows["captured"] = time_steps(captured, batches[0], device, args.steps, args.repeats)
         out["captured_kernel_s"], _ = kernel_time(captured, batches[0], device)
     if device.type == "cuda" and not method.startswith("vprompt"):  # vprompt's draws differ between the two
         # the same 20 steps, eager and captured, from the same start
         losses = {}
         for name in ("eager", "captured"):
-            model, optimizer = build(module, backbone, names, method, args, device)
-            step = run(model, optimizer) if name == "eager" else module.CapturedStep(module.train_step, model, optimizer)
+            _, model, optimizer, _ = build(method, backbone, names, args, device)
+            step = run(model, optimizer) if name == "eager" else kernels.CapturedStep(module.train_step, model,
+                                                                                      optimizer)
             losses[name] = torch.stack([step(x, y)[0] for x, y in batches]).float().cpu()
         out["loss_max_diff"] = float((losses["eager"] - losses["captured"]).abs().max())
         out["losses"] = losses["eager"].tolist(), losses["captured"].tolist()
     if device.type == "cuda" and method in ("coop", "cocoop"):  # the only methods with an official pattern here
         # the official pattern: a separate fp16 copy of CLIP (prompts in fp16 too), all 77 positions
         fp16 = data.Backbone(**{**backbone.__dict__, "model": copy.deepcopy(backbone.model).half()})
-        model, optimizer = build(module, fp16, names, method, args, device, truncate=False)
+        _, model, optimizer, _ = build(method, fp16, names, args, device, truncate=False)
         model.half()
         rows["official"] = time_steps(lambda x, y: official_step(model, optimizer, x, y), batches[0], device,
                                       args.steps, args.repeats)
@@ -227,7 +211,7 @@ def print_table(results, device):
     baseline = "official" if device.type == "cuda" else "full"
     print(f"\ndevice: {name}, torch {torch.__version__}; median ms per training step, ratio = {baseline} / variant "
           "(full / variant where a method has no official pattern here)")
-    head = f"{'method':>19} {'batch':>5} {'cls':>4} {'tok':>4} | " + " | ".join(
+    head = f"{'method':>19} {'batch':>5} {'cls':>4} | " + " | ".join(
         f"{v:>17}" for v in ("official", "full", "eager", "captured"))
     print(head + " | kernel ms (count); then coop.py's eager step the method builds on, and method / coop")
     for r in results:
@@ -247,7 +231,7 @@ def print_table(results, device):
         if "builds_on" in r:
             other, t = r["builds_on"]
             kernel += f" | {other} eager {1e3 * t:.2f} ms, {r['method']} / {other} {r['times']['eager'] / t:.2f}x"
-        print(f"{r['method']:>19} {r['batch']:>5} {r['classes']:>4} {r['longest']:>4} | " + " | ".join(cells) + kernel)
+        print(f"{r['method']:>19} {r['batch']:>5} {r['classes']:>4} | " + " | ".join(cells) + kernel)
 
 
 def write_caltech_layout(root):

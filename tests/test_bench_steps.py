@@ -12,7 +12,7 @@ def test_step_benchmark_on_two_steps_times_each_variant_of_both_methods(capsys):
     assert [r["method"] for r in results] == ["coop", "cocoop"] and [r["batch"] for r in results] == [32, 1]
     for r in results:
         assert set(r["times"]) == {"full", "eager"} and all(t > 0 for t in r["times"].values())
-        assert r["classes"] == 12 and r["longest"] < r["context"]  # the world's base names, truncated
+        assert r["classes"] == 12  # the world's base names
     assert "ratio = full / variant" in capsys.readouterr().out
 
 
