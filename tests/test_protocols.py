@@ -9,7 +9,7 @@ import pytest
 import coop
 import data
 from world import shapes
-from test_coop import COMMON
+from conftest import COMMON
 
 TRAIN = ["--epochs", "2", "--shots", "2", *COMMON]
 SHIFTS = {"photo", "noisy", "vivid", "lowcontrast"}

@@ -154,12 +154,6 @@ def test_pretraining_entry_point_runs_and_loss_goes_down(tmp_path):
     assert out.stat().st_size < 20e6
 
 
-def test_the_old_data_py_commands_point_to_the_world():
-    proc = subprocess.run([sys.executable, str(ROOT / "data.py"), "pretrain"], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode != 0 and "python -m world pretrain" in proc.stderr
-
-
 def test_a_checkpoint_made_with_another_config_loads_with_the_config_it_carries(tmp_path):
     config = {**tiny_clip.TINY_CONFIG, "vision_cfg": {**tiny_clip.TINY_CONFIG["vision_cfg"], "width": 64, "layers": 2}}
     torch.manual_seed(0)
