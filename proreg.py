@@ -461,15 +461,6 @@ class IndexedItems(data.ImageItems):
             return super().__getitem__(i)
 
 
-def train_transform(benchmark, backbone):
-    """RandAugment(2, 9) before CLIP's preprocessing where the benchmark is augmented (real data),
-    CLIP's preprocessing alone otherwise (the offline world)."""
-    from torchvision import transforms as T
-
-    plain = data.make_transform(backbone, train=False)  # resize the shorter side, centre crop
-    return T.Compose([T.RandAugment(2, 9), *plain.transforms]) if benchmark.augment else plain
-
-
 def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
     """This process's share of every global batch of one epoch, as index lists: one permutation
     seeded by (seed, epoch), cut into batches of batch_size (the last incomplete one dropped), each
@@ -496,8 +487,12 @@ class TrainingSet:
     def __init__(self, items, benchmark, backbone, zs_text, args, device):
         self.args, self.device, self.n = args, device, len(items)
         self.labels = torch.tensor([it.label for it in items])
-        transform = train_transform(benchmark, backbone)
-        self.dataset = IndexedItems(items, benchmark.open_image, transform, args.seed, benchmark.augment)
+        transform = data.make_transform(backbone, train=False)  # CLIP's preprocessing (the world)
+        if benchmark.augment:  # real data: RandAugment(2, 9) before it
+            from torchvision import transforms as T
+            transform = T.Compose([T.RandAugment(2, 9), *transform.transforms])
+        self.dataset = IndexedItems(items, benchmark.open_image, transform, args.seed,
+                                    benchmark.augment)
         self.zs_text = F.normalize(zs_text, dim=-1)
         self.zs_scale = backbone.model.logit_scale.exp().detach()
         self.images = self.teacher_logits = self.teacher = None
@@ -507,15 +502,14 @@ class TrainingSet:
             print(f"no training augmentation on {args.dataset}: the teacher's logits of the "
                   f"{self.n} training images are computed once, before training (exact)")
             self.images = torch.stack([self.dataset[i][0] for i in range(self.n)])  # [N, 3, H, W]
-            chunks = self.images.split(args.test_batch_size)
-            self.teacher_logits = torch.cat([self.zero_shot_logits(chunk.to(device),
-                                                                   backbone.model.visual)
-                                             for chunk in chunks])  # [N, C]
+            chunks, visual = self.images.split(args.test_batch_size), backbone.model.visual
+            self.teacher_logits = torch.cat([self.zero_shot_logits(c.to(device), visual)
+                                             for c in chunks])  # [N, C]
 
     @torch.no_grad()
-    def zero_shot_logits(self, images, teacher=None):
+    def zero_shot_logits(self, images, teacher):
         with data.autocast(images.device):
-            features = normalised(self.teacher if teacher is None else teacher)(images)
+            features = normalised(teacher)(images)
         return self.zs_scale * features @ self.zs_text.t()  # [b, C]
 
     def batches(self, epoch, rank, world_size):
@@ -533,7 +527,7 @@ class TrainingSet:
                                              pin_memory=self.device.type == "cuda")
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
-            zs_logits = (self.zero_shot_logits(x) if self.teacher is not None
+            zs_logits = (self.zero_shot_logits(x, self.teacher) if self.teacher is not None
                          else x.new_zeros(len(x), len(self.zs_text)))
             yield x, y.to(self.device, non_blocking=True), zs_logits
 
