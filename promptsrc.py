@@ -468,11 +468,11 @@ def learning_rate(epoch, args):
 # ---------------------------------------------------------------------------------------- the run
 def main(args):
     start_time = time.time()
-    method = method_name(args)
-    args, saved, out, device = data.start_run(args, method, resolve_settings, check_settings)
-    print(f"{method} on {args.dataset} ({args.protocol}): {args.model}/{args.pretrained}, "
-          f"{args.shots} shots, seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}, "
-          f"device {device} -> {out}")
+    args, saved, out, device = data.start_run(args, method_name(args), resolve_settings,
+                                              check_settings)  # --resume: the run's own settings
+    print(f"{method_name(args)} on {args.dataset} ({args.protocol}): {args.model}/"
+          f"{args.pretrained}, {args.shots} shots, seed {args.seed}, {args.epochs} epochs, batch "
+          f"{args.batch_size}, device {device} -> {out}")
     data.seed_everything(args.seed)  # few-shot sampling, prompt init, shuffling
 
     # Data and model: the base half of the classes for base2new (CoCoOp's protocol), else all.
