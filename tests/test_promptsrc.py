@@ -1,7 +1,8 @@
-"""promptsrc.py: the deep-prompted encoders against CLIP itself (prompts off = open_clip's encoders; prompts
-on change exactly the blocks they should), each loss term against its formula, GPA against the explicit
-weighted sum of the per-epoch prompts (also across a SIGKILL and --resume), the fused kernels against the
-readable PyTorch path, and end-to-end runs on a tiny Caltech101 fixture that --evaluate reproduces."""
+"""promptsrc.py: the deep-prompted encoders against CLIP itself (prompts off = open_clip's encoders;
+prompts on change exactly the blocks they should), each loss term against its formula, GPA against
+the explicit weighted sum of the per-epoch prompts (also across a SIGKILL and --resume), the fused
+kernels against the readable PyTorch path, and an end-to-end run on a tiny Caltech101 fixture that
+--evaluate reproduces. The run machinery itself (data.py section 8) is tested in test_data.py."""
 import argparse
 import copy
 import json
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -20,8 +22,7 @@ import torch.nn.functional as F
 import data
 import kernels
 import promptsrc
-from test_coop import NAMES, caltech_fixture, images
-from conftest import kill_after_epochs
+from conftest import NAMES, caltech_fixture, images, kill_after_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 # A random-init CLIP small enough for CPU tests, deep enough to see prompts stop at a depth (4 blocks each).
@@ -40,7 +41,7 @@ def clip():
 
 def settings(**kw):
     base = dict(ctx_init="a photo of a", n_ctx_text=4, n_ctx_vision=4, prompt_depth_text=3, prompt_depth_vision=3,
-                ivlp=False, text_loss_weight=25.0, image_loss_weight=10.0)
+                ivlp=False, text_loss_weight=25.0, image_loss_weight=10.0, no_truncate=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -65,7 +66,7 @@ def test_with_every_prompt_off_the_encoders_are_open_clips(clip):
                                F.normalize(clip.encode_image(images()), dim=-1), rtol=1e-5, atol=1e-6)
     # text depth 1 (input-level context only) from "a photo of a", image depth 0: zero-shot CLIP's logits
     plain = prompted(clip, prompt_depth_text=1, prompt_depth_vision=0)
-    zero_shot = promptsrc.ZeroShotCLIP(clip, open_clip.tokenize, NAMES, "a photo of a {}.")
+    zero_shot = data.ZeroShotCLIP(clip, open_clip.tokenize, NAMES, "a photo of a {}.")
     expected = zero_shot(images())
     torch.testing.assert_close(plain(images()), expected, rtol=1e-5, atol=1e-4)
     assert expected.std() > 0.1 and not torch.allclose(model(images()), expected, atol=1e-2)
@@ -241,11 +242,13 @@ def test_fused_and_readable_paths_give_the_same_loss_and_gradients(clip, monkeyp
     loss_r, grads_r, after_r = step_once(clip, monkeypatch, fused=False)
     loss_k, grads_k, after_k = step_once(clip, monkeypatch, fused=True)
     assert loss_k.item() == pytest.approx(loss_r.item(), rel=1e-5)
+    # atol at each tensor's scale: an fp32 sum rounds relative to its largest terms, so a small
+    # element may differ by a few ulp of the largest (vision prompts' gradients ~1, the context's ~0.2)
     for a, b in zip(grads_r, grads_k):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * a.abs().max().item())
         assert a.abs().sum() > 0  # every prompt tensor learns
     for a, b in zip(after_r, after_k):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
 
 
 def test_cached_frozen_image_features_give_the_per_batch_step(clip, monkeypatch):
@@ -335,7 +338,7 @@ def check_gpa(run, per_epoch):
     assert sorted(per_epoch) == list(range(1, args["epochs"] + 1))
     expected = kernels.gpa_sum_reference([per_epoch[e] for e in sorted(per_epoch)], weights)
     for tensor, want in zip(ckpt["learned"].values(), expected):
-        torch.testing.assert_close(tensor.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tensor.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
     assert not torch.equal(list(ckpt["learned"].values())[0], per_epoch[args["epochs"]][0])  # not the last epoch's
     return ckpt
 
@@ -349,61 +352,56 @@ def test_run_in_process_gpa_is_the_weighted_sum_and_evaluate_reproduces(tmp_path
     record = promptsrc.main(promptsrc.parse_args(fixture_run(tmp_path, "--epochs", "4", "--batch-size", "2",
                                                              "--gpa-mean", "3", "--gpa-std", "1")))
     ckpt = check_gpa(run, log)
-    assert set(ckpt) == {"learned", "args", "epoch", "metrics", "optimizer", "gpa", "rng"}
+    assert set(ckpt) == {"learned", "args", "epoch", "metrics", "optimizer", "rng", "train", "extra"}
+    assert ckpt["extra"]["weight_seen"] == pytest.approx(1.0) and record["train"] == ckpt["train"]
     assert record["method"] == "promptsrc" and ckpt["metrics"]["test_loss"] == record["test_loss"]
     assert record["hm"] == pytest.approx(data.harmonic_mean(record["base"], record["new"]))
     assert set(record["zero_shot"]) >= {"base", "new", "hm"} and record["classes"] == {"base": 2, "new": 2}
-    with pytest.raises(SystemExit, match="already holds a checkpoint"):
-        promptsrc.main(promptsrc.parse_args(fixture_run(tmp_path)))
     promptsrc.main(promptsrc.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
     again = json.loads((run / "eval.json").read_text())
     for key in ("base", "new", "hm", "zero_shot", "epoch"):
         assert again[key] == record[key], key
     for split, loss in record["test_loss"].items():  # continuous: another model would not match
         assert again["test_loss"][split] == pytest.approx(loss, rel=1e-6, abs=1e-7), split
-    assert len((run.parent / "results.jsonl").read_text().splitlines()) == 1
 
 
-def test_cached_features_path_and_ivlp_run_end_to_end(tmp_path, monkeypatch):
-    """Without augmentation (as on the world) the training batches carry the frozen features, computed
-    once; IVLP keeps no GPA and its prompts are the last epoch's."""
+def test_cached_frozen_image_features_are_computed_once_per_training_image(tmp_path, monkeypatch):
+    """Without augmentation (as on the world) the training batches carry the frozen image features,
+    computed once and equal to the frozen encoder's; IVLP's batches carry none."""
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
-    real_load, real_encode, frozen_calls = data.load_dataset, promptsrc.PromptedCLIP.encode_image, []
-
-    def without_augmentation(*args, **kwargs):
-        benchmark = real_load(*args, **kwargs)
-        benchmark.augment = False
-        return benchmark
+    caltech_fixture(tmp_path / "data")
+    benchmark = data.load_dataset("caltech101", tmp_path / "data")
+    benchmark.augment = False
+    backbone = data.load_backbone(TINY_NAME, None)
+    items = data.fewshot(benchmark.train, 2, 1)
+    args = argparse.Namespace(dataset="caltech101", ivlp=False, batch_size=3, test_batch_size=5, seed=1, workers=0)
+    task = SimpleNamespace(benchmark=benchmark, backbone=backbone)
+    model = prompted(backbone.model, names=benchmark.classnames)
+    real_encode, frozen_calls = promptsrc.PromptedCLIP.encode_image, []
 
     def encode_image(self, x, prompted=True):
-        if not prompted:
-            frozen_calls.append(len(x))
+        assert not prompted
+        frozen_calls.append(len(x))
         return real_encode(self, x, prompted)
-    monkeypatch.setattr(data, "load_dataset", without_augmentation)
     monkeypatch.setattr(promptsrc.PromptedCLIP, "encode_image", encode_image)
-    promptsrc.main(promptsrc.parse_args(fixture_run(tmp_path, "--epochs", "3", "--batch-size", "2")))
-    assert frozen_calls == [4]  # the 2 x 2 training images, once, not per step
+    batches = list(promptsrc.training_batches(model, items, task, args, torch.device("cpu")))
+    assert frozen_calls == [5, 3]  # the 2 x 4 training images, once, in test batches
+    images_, labels, frozen = (torch.cat(t) for t in zip(*batches))
+    assert len(batches) == 2 and len(labels) == 6  # batches of 3, the last incomplete one dropped
+    with torch.no_grad():
+        torch.testing.assert_close(frozen, real_encode(model, images_, prompted=False))
+    ivlp = promptsrc.training_batches(model, items, task, argparse.Namespace(**{**vars(args), "ivlp": True}),
+                                      torch.device("cpu"))
+    assert all(len(batch) == 2 for batch in ivlp) and frozen_calls == [5, 3]
+
+
+def test_ivlp_run_keeps_no_gpa_and_ends_with_the_last_epochs_prompts(tmp_path, monkeypatch):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
     log = {}
     recorder(monkeypatch, log)
     record = promptsrc.main(promptsrc.parse_args(fixture_run(tmp_path, "--epochs", "2", "--ivlp", name="ivlp")))
     ckpt = torch.load(tmp_path / "runs" / "ivlp" / "checkpoint.pt", weights_only=True)
-    assert record["method"] == "ivlp" and ckpt["gpa"] is None and log == {}
-
-
-def test_a_non_finite_loss_stops_the_run_with_epoch_and_step_and_records_nothing(tmp_path, monkeypatch):
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
-    real, calls = promptsrc.train_step, []
-
-    def diverging(*args):
-        calls.append(1)
-        loss, correct = real(*args)
-        return (loss * float("nan") if len(calls) == 6 else loss), correct
-    monkeypatch.setattr(promptsrc, "train_step", diverging)
-    with pytest.raises(SystemExit, match=r"the loss became nan at epoch 3, step 2 .*nothing was recorded"):
-        promptsrc.main(promptsrc.parse_args(fixture_run(tmp_path, "--epochs", "4", "--batch-size", "2")))
-    run = tmp_path / "runs" / "run1"
-    assert not (run / "results.json").exists() and not (run.parent / "results.jsonl").exists()
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert record["method"] == "ivlp" and ckpt["extra"] is None and log == {}
 
 
 def project_with(tmp_path, names=("promptsrc.py", "data.py")):
@@ -438,6 +436,7 @@ def saved_prompts(folder):
     return {int(p.stem[5:]): torch.load(p, weights_only=True) for p in Path(folder).glob("epoch*.pt")}
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result_gpa_included(tmp_path):
     """SIGKILL a real training process (promptsrc.py and data.py alone in a folder: the readable path)
     after a few epochs, --resume it, and get bit for bit the prompts and numbers of a run never
@@ -463,41 +462,42 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result_gpa_inclu
     a, b = check_gpa(tmp_path / "runs" / "whole", whole_prompts), check_gpa(killed, killed_prompts)
     for name, tensor in a["learned"].items():
         assert torch.equal(tensor, b["learned"][name]), name
+    assert a["extra"]["weight_seen"] == b["extra"]["weight_seen"]
     ra, rb = (json.loads((r / "results.json").read_text()) for r in (tmp_path / "runs" / "whole", killed))
     assert (ra["base"], ra["new"], ra["test_loss"]) == (rb["base"], rb["new"], rb["test_loss"])
 
 
 def test_resume_restores_the_fused_gpa_state(tmp_path, monkeypatch):
-    """In process on the fused path: a run stopped after epoch 2 of 4 and resumed ends as a whole run."""
+    """In process on the fused path (kernels.GaussianPromptAverage): a run stopped after epoch 2 of 3
+    and resumed ends as a whole run, its GPA state included."""
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
-    flags = ["--epochs", "4", "--batch-size", "2", "--gpa-mean", "2.5", "--gpa-std", "1"]
+    flags = ["--epochs", "3", "--batch-size", "2", "--gpa-mean", "2", "--gpa-std", "1"]
     promptsrc.main(promptsrc.parse_args(fixture_run(tmp_path, *flags, name="whole")))
-    real = promptsrc.save_training
+    real = data.save_checkpoint
 
     def stop_after_two(path, args, epoch, *rest):
         real(path, args, epoch, *rest)
         if epoch == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(promptsrc, "save_training", stop_after_two)
+    monkeypatch.setattr(data, "save_checkpoint", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         promptsrc.main(promptsrc.parse_args(fixture_run(tmp_path, *flags, name="stopped")))
-    monkeypatch.setattr(promptsrc, "save_training", real)
+    monkeypatch.setattr(data, "save_checkpoint", real)
     stopped = tmp_path / "runs" / "stopped"
-    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["gpa"]["weight_seen"] > 0
+    assert 0 < torch.load(stopped / "checkpoint.pt", weights_only=True)["extra"]["weight_seen"] < 1
     promptsrc.main(promptsrc.parse_args(["--resume", str(stopped), "--root", str(tmp_path / "data"), *COMMON]))
     a, b = (torch.load(tmp_path / "runs" / n / "checkpoint.pt", weights_only=True) for n in ("whole", "stopped"))
     for name, tensor in a["learned"].items():
         assert torch.equal(tensor, b["learned"][name]), name
-    assert a["gpa"]["weight_seen"] == b["gpa"]["weight_seen"]
+    assert a["extra"]["weight_seen"] == b["extra"]["weight_seen"]
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
-    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--gpa-std", "0"], "--gpa-std must be a finite number > 0, got 0.0"),
     (["--gpa-mean", "900", "--gpa-std", "0.1"], "gives every epoch 1..20 zero weight"),
     (["--prompt-depth-text", "0"], "--prompt-depth-text must be an integer >= 1, got 0"),
     (["--prompt-depth-vision", "-1"], "--prompt-depth-vision must be an integer >= 0, got -1"),
+    (["--n-ctx-vision", "0"], "--n-ctx-vision must be an integer >= 1, got 0"),
     (["--text-loss-weight", "-1"], "--text-loss-weight must be a finite number >= 0, got -1.0"),
     (["--ctx-init", "", "--n-ctx-text", "0"], "--n-ctx-text 0 with an empty --ctx-init"),
 ])
@@ -532,8 +532,8 @@ def test_the_script_prints_a_usage_error_as_one_line_and_exits_2(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("cached", [True, False])
 def test_captured_step_gives_the_eager_losses_on_cuda(clip, cached):
-    """The step replayed as a CUDA graph (fused loss kernel inside) gives the eager step's losses and
-    prompts, with the frozen image features cached or computed per batch."""
+    """The step replayed as a CUDA graph (kernels.CapturedStep, fused loss kernel inside) gives the
+    eager step's losses and prompts, with the frozen image features cached or computed per batch."""
     gpu_clip = copy.deepcopy(clip).cuda()
     models = []
     for _ in range(2):
@@ -549,7 +549,7 @@ def test_captured_step_gives_the_eager_losses_on_cuda(clip, cached):
             batches.append((x, y, models[0][0].encode_image(x, prompted=False)) if cached else (x, y))
     (eager, opt_eager), (captured, opt_captured) = models
     expected = [promptsrc.train_step(eager, opt_eager, *b)[0].item() for b in batches]
-    step = promptsrc.CapturedStep(promptsrc.train_step, captured, opt_captured)
+    step = kernels.CapturedStep(promptsrc.train_step, captured, opt_captured)
     assert [step(*b)[0].item() for b in batches] == pytest.approx(expected, rel=1e-3)
     for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
