@@ -51,3 +51,42 @@ def kill_after_epochs(proc, run_dir, epochs=3, wait_s=900):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return torch.load(checkpoint, weights_only=True)["epoch"]
+
+
+# Helpers the method files' tests share (a test module imports them from here, not from another
+# test module).
+NAMES = ["cat", "hot air balloon", "golden_retriever", "x-ray film", "ox"]  # multi-token, '_' and '-'
+
+
+def images(n=3, seed=2):
+    """n random 32x32 images (the tiny test CLIPs' input size), the same for the same seed."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def caltech_fixture(root: Path, n_classes=4, per_class=10):
+    """CoOp's Caltech101 layout with random JPEGs (no split file: data.py's seeded auto-split)."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    for c in ["BACKGROUND_Google", "Faces", "accordion", "airplanes", "anchor"][:n_classes + 1]:
+        folder = root / "caltech-101" / "101_ObjectCategories" / c
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 44, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"image_{i + 1:04d}.jpg")
+
+
+# A random-init CLIP small enough for CPU tests, with OpenAI CLIP's 77-token text context (coop's
+# and vprompt's tests); COMMON: the flags of a test run on the CPU, without loader processes.
+TINY_NAME = "coop-test-tiny"
+TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+COMMON = ["--workers", "0", "--device", "cpu"]
+
+
+def tiny_clip():
+    """The tiny CLIP, seeded; its positional embedding made to matter, so that a wrong slice shows."""
+    import open_clip
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY).eval().requires_grad_(False)
+    model.positional_embedding.data.normal_(std=0.5)
+    return model
