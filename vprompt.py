@@ -470,17 +470,18 @@ def evaluate_run(model, task, args, device) -> dict:
     """Accuracy of the learned prompt distribution and of zero-shot CLIP on the protocol's test sets
     (data.evaluation_sets), on image features computed once per split, each split's draws seeded
     with --seed; prints the table, returns the record."""
-    splits, ours, clip = data.evaluation_sets(task, args.protocol), method_name(args), task.backbone
+    splits, ours = data.evaluation_sets(task, args.protocol), method_name(args)
+    backbone = task.backbone
     rows, test_loss = {"zero-shot CLIP": {}, ours: {}}, {}
     for split, (items, names, source) in splits.items():
-        loader = data.split_loader((items, names, source), clip, args)
+        loader = data.split_loader((items, names, source), backbone, args)
         features, labels = data.encode_images(model.encode_image, loader, device)  # once per split
         batches = list(zip(*(t.split(args.test_batch_size) for t in (features, labels))))
         model.prompt_learner.set_classes(names)
         model.sampler.manual_seed(args.seed)  # each split's draws from the seed: --evaluate repeats
         metrics = data.evaluate(model, batches)
         rows[ours][split], test_loss[split] = metrics["acc"], metrics["loss"]
-        zero_shot = data.ZeroShotCLIP(clip.model, clip.tokenize, names, source.template)
+        zero_shot = data.ZeroShotCLIP(backbone.model, backbone.tokenize, names, source.template)
         rows["zero-shot CLIP"][split] = data.evaluate(zero_shot, batches)["acc"]
     model.prompt_learner.set_classes(task.train_names)
     return data.result_record(ours, args, task, rows, ours, splits, test_loss)
