@@ -132,3 +132,12 @@ def check_reproduced(run, results):
     assert len((run.parent / "results.jsonl").read_text().splitlines()) == 1  # re-evaluation appends nothing
 
 
+
+
+def tiny_clip():
+    """The tiny CLIP, seeded; its positional embedding made to matter, so that a wrong slice shows."""
+    import open_clip
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY).eval().requires_grad_(False)
+    model.positional_embedding.data.normal_(std=0.5)
+    return model

@@ -1,7 +1,8 @@
 """vprompt.py: at zero variance it is CoOp (standard) and CoCoOp (conditional), logit for logit; the
-KL term is the Gaussian closed form; the prediction is the log of the Monte Carlo-averaged probability;
-per-image prompts at any batch size; seeded sampling (reproducible per seed, across a SIGKILL and
---resume, and by --evaluate, at any test batch size); end-to-end runs on the tiny Caltech101 fixture."""
+KL term is the Gaussian closed form; the prediction is the log of the Monte Carlo-averaged
+probability; per-image prompts at any batch size; the shared-prefix text pass equals whole prompts;
+seeded sampling (reproducible per seed, across a SIGKILL and --resume, and by --evaluate at any test
+batch size). The run machinery itself (data.py section 8) is tested in test_data.py."""
 import argparse
 import copy
 import json
@@ -18,15 +19,32 @@ import torch.nn.functional as F
 import coop
 import data
 import vprompt
-from test_coop import COMMON, NAMES, TINY, TINY_NAME, caltech_fixture, clip, images, settings  # noqa: F401 (a fixture)
-from conftest import kill_after_epochs
+from conftest import COMMON, NAMES, TINY, TINY_NAME, caltech_fixture, images, kill_after_epochs, tiny_clip
+
+try:
+    import kernels
+except ImportError:  # the CUDA-only tests skip without a GPU anyway
+    kernels = None
 
 OFF = -1e4  # a log-variance whose standard deviation exp(OFF / 2) is exactly 0 in fp32
+CWD = os.path.dirname(os.path.abspath(vprompt.__file__))
 
 
-def model_of(clip, names=NAMES, samples=4, **kw):
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+def settings(**kw):
+    """The settings PromptedCLIP reads, for vprompt's and coop's (the CoOp it is compared with)."""
+    base = dict(ctx_init="a photo of a", n_ctx=4, csc=False, class_token_position="end", conditional=False,
+                no_truncate=False, samples=4)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def model_of(clip, names=NAMES, **kw):
     torch.manual_seed(1)
-    return vprompt.PromptedCLIP(clip, open_clip.tokenize, names, settings(samples=samples, **kw))
+    return vprompt.PromptedCLIP(clip, open_clip.tokenize, names, settings(**kw))
 
 
 def coop_of(clip, names=NAMES, **kw):
@@ -35,7 +53,8 @@ def coop_of(clip, names=NAMES, **kw):
 
 
 def zero_variance(model, mean=None):
-    """Posterior N(mean, 0) (mean 0 unless given): every sample of the residual is the mean."""
+    """Posterior N(mean, 0) (mean 0 unless given; "live": the conditional mean network as it is):
+    every sample of the residual is the mean."""
     learner = model.prompt_learner
     with torch.no_grad():
         if learner.meta_net is None:
@@ -51,6 +70,12 @@ def zero_variance(model, mean=None):
 
 def features(n=3, seed=2):
     return F.normalize(torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def frozen_sgd(model, device="cpu"):
+    """lr 0: the step computes its loss and gradients but moves nothing."""
+    return vprompt.sgd([p for p in model.parameters() if p.requires_grad],
+                       argparse.Namespace(lr=0.0, momentum=0.9, weight_decay=0.0), torch.device(device))
 
 
 # ---------------------------------------------------------------------------- the model against CoOp / CoCoOp
@@ -143,8 +168,7 @@ def test_averaging_identical_samples_equals_one_sample(clip):
 def test_training_loss_is_the_negative_elbo_and_reaches_the_posterior(clip):
     for conditional in (False, True):
         model = model_of(clip, conditional=conditional)
-        optimizer = coop.sgd([p for p in model.parameters() if p.requires_grad],
-                             argparse.Namespace(lr=0.0, momentum=0.9, weight_decay=0.0), torch.device("cpu"))
+        optimizer = frozen_sgd(model)
         x, y = features(), torch.tensor([0, 3, 4])
         torch.manual_seed(5)
         log_p, kl = model.predictive(x)
@@ -161,25 +185,25 @@ def test_training_loss_is_the_negative_elbo_and_reaches_the_posterior(clip):
 
 
 def test_conditional_batch_equals_one_image_at_a_time_with_per_image_prompts(clip, monkeypatch):
-    """B images in one call (in passes of 2 images) give each image's batch-1 numbers, with the same draws;
-    image i's sample l is CoOp with the context V + r_il."""
+    """B images in one call (in passes of 2 images) give each image's batch-1 numbers, with the same
+    draws; image i's sample l is CoOp with the context V + r_il."""
     monkeypatch.setattr(vprompt, "PROMPTS_PER_PASS", 2 * 3 * len(NAMES))  # 2 images of L = 3 samples a pass
     model = model_of(clip, samples=3, conditional=True).eval()
     drawn, real = [], model.residuals
     monkeypatch.setattr(model, "residuals", lambda *a: drawn.append(real(*a)) or drawn[-1])
     x = features(5)
     with torch.no_grad():
-        model.seed_sampling(7)
+        model.sampler.manual_seed(7)
         batch, kl = model.sample_logits(x)  # [5, 3, C]
         residuals = torch.cat(drawn)  # [5, 3, d]
         assert [len(r) for r in drawn] == [2, 2, 1] and residuals.std() > 0.1
-        model.seed_sampling(7)
+        model.sampler.manual_seed(7)
         singles = [model.sample_logits(x[i:i + 1]) for i in range(5)]
         torch.testing.assert_close(batch, torch.cat([s[0] for s in singles]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kl, torch.cat([s[1] for s in singles]), rtol=1e-6, atol=1e-7)
-        model.seed_sampling(7)
+        model.sampler.manual_seed(7)
         log_p = model(x)
-        model.seed_sampling(7)
+        model.sampler.manual_seed(7)
         torch.testing.assert_close(log_p, torch.cat([model(x[i:i + 1]) for i in range(5)]), rtol=1e-5, atol=1e-5)
         plain = coop_of(clip)
         context = plain.prompt_learner.ctx.clone()
@@ -199,15 +223,36 @@ def test_sampling_is_reproducible_per_seed(clip):
         assert torch.equal(draws[0][0], draws[0][1]) and not torch.allclose(draws[0][0], draws[1][0])
         model.eval()  # evaluation: the model's own generator, whatever torch's generator holds
         with torch.no_grad():
-            model.seed_sampling(3), torch.manual_seed(10)
+            model.sampler.manual_seed(3), torch.manual_seed(10)
             first = model(features(), model.class_text_features())
-            model.seed_sampling(3), torch.manual_seed(11)
+            model.sampler.manual_seed(3), torch.manual_seed(11)
             assert torch.equal(model(features(), model.class_text_features()), first)
-            model.seed_sampling(4)
+            model.sampler.manual_seed(4)
             assert not torch.allclose(model(features(), model.class_text_features()), first)
 
 
-def test_paper_settings_per_dataset_and_refusals(tmp_path):
+def test_shared_prefix_text_pass_equals_the_whole_prompts_through_open_clips_blocks(clip):
+    """The C prompts of a draw share [SOS][V + r]; computing those positions once per draw gives the
+    features of the whole prompts through TextEncoder (open_clip's blocks), for class names of
+    different token lengths, in value and in gradient."""
+    names = ["ox", "hot air balloon", "x-ray film of a golden retriever", "cat"]
+    model = model_of(clip, names=names, samples=3)
+    residuals = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    shared, tails, eot = model.prompt_learner(residuals.flatten(0, 1))
+    assert shared.shape == (6, 5, 64) and len(set(eot.tolist())) == 3  # SOS + 4 context tokens; 3 EOT positions
+    whole = torch.cat([shared[:, None].expand(-1, 4, -1, -1), tails.expand(6, -1, -1, -1)], dim=2)  # [6, C, len, d]
+    expected = vprompt.TextEncoder(clip)(whole.flatten(0, 1), eot.repeat(6))  # [6 * C, D]
+    got = model.text_encoder(shared, tails, eot)  # [6, C, D]
+    torch.testing.assert_close(got.flatten(0, 1), expected, rtol=1e-5, atol=1e-5)
+    grad_expected, = torch.autograd.grad(expected.square().sum(), residuals)
+    grad_got, = torch.autograd.grad(got.square().sum(), residuals)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
+    full = model.text_features(residuals)  # [2, 3, C, D], normalised
+    torch.testing.assert_close(full, F.normalize(expected, dim=-1).view(2, 3, 4, -1), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- settings
+def test_paper_settings_per_dataset():
     def resolved(*argv):
         return vprompt.resolve_settings(vprompt.parse_args([*argv, "--model", "ViT-B-16", "--pretrained", "none"]))
     a = resolved("--dataset", "caltech101")
@@ -220,11 +265,29 @@ def test_paper_settings_per_dataset_and_refusals(tmp_path):
     assert resolved("--dataset", "caltech101", "--samples", "3").samples == 3
     world = {**vprompt.PAPER, **vprompt.DATASET_SETTINGS["shapes"]}
     assert all(getattr(resolved("--dataset", "shapes_noisy"), k) == v for k, v in world.items())
-    for flags, message in [(["--samples", "0"], "--samples must be an integer >= 1, got 0"),
-                           (["--lr", "nan"], "--lr must be a finite number > 0, got nan")]:
-        with pytest.raises(data.UsageError, match=message):
-            vprompt.main(vprompt.parse_args(["--output-dir", str(tmp_path / "run"), *COMMON, *flags]))
-        assert not (tmp_path / "run").exists()
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_script(argv, wait=True):
+    """vprompt.py as a user runs it (the tiny test CLIP registered with open_clip first)."""
+    code = (f"import open_clip, runpy, sys; open_clip.factory._MODEL_CONFIGS[{TINY_NAME!r}] = {TINY!r}; "
+            f"sys.argv = ['vprompt.py', *{list(argv)!r}]; runpy.run_path('vprompt.py', run_name='__main__')")
+    command = [sys.executable, "-c", code]
+    if not wait:
+        return subprocess.Popen(command, cwd=CWD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.run(command, cwd=CWD, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_the_script_refuses_a_sample_count_of_zero_in_one_line_with_exit_code_2(tmp_path):
+    proc = subprocess.run([sys.executable, "vprompt.py", "--samples", "0", "--output-dir", str(tmp_path / "run"),
+                           *COMMON], cwd=CWD, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["error: --samples must be an integer >= 1, got 0"]
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------- end to end on the fixture
@@ -240,51 +303,36 @@ def learned(run):
     return torch.load(run / "checkpoint.pt", weights_only=True)["learned"]
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_run_then_evaluate_reproduces_at_any_test_batch_size(tmp_path, monkeypatch, conditional):
+@pytest.mark.slow
+def test_a_run_then_evaluate_at_another_test_batch_size_reproduces(tmp_path, monkeypatch):
+    """A whole run (standard: one set of L draws per test split), then --evaluate with test batches
+    of 3 instead of 100: each split's draws start from the seed, so no number moves."""
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
-    flag = ["--conditional"] if conditional else []
-    record = vprompt.main(vprompt.parse_args(fixture_run(tmp_path, "--epochs", "2", "--batch-size", "2", *flag)))
+    record = vprompt.main(vprompt.parse_args(fixture_run(tmp_path, "--epochs", "2", "--batch-size", "2")))
     run = tmp_path / "runs" / "run1"
-    assert record["method"] == ("vprompt-conditional" if conditional else "vprompt")
-    assert record["args"]["samples"] == 3 and 0 <= record["base"] <= 100 and 0 <= record["new"] <= 100
-    keys = {"prompt_learner.ctx"} | ({f"prompt_learner.meta_net.{h}.{i}.{p}" for h in ("mean", "logvar")
-                                      for i in (0, 2, 4) for p in ("weight", "bias")} if conditional else
-                                     {"prompt_learner.posterior_mean", "prompt_learner.posterior_logvar"})
-    assert set(learned(run)) == keys  # nothing frozen is saved
-    for test_batch in ("100", "3"):  # a local setting: the draws go image by image, so no number moves
-        vprompt.main(vprompt.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON,
-                                         "--test-batch-size", test_batch]))
-        again = json.loads((run / "eval.json").read_text())
-        assert (again["base"], again["new"]) == (record["base"], record["new"])
-        for split, loss in record["test_loss"].items():  # continuous: other draws would not match (cf. test_coop)
-            assert again["test_loss"][split] == pytest.approx(loss, rel=1e-6, abs=1e-7), split
-    assert len((run.parent / "results.jsonl").read_text().splitlines()) == 1
+    assert record["method"] == "vprompt" and record["args"]["samples"] == 3
+    assert 0 <= record["base"] <= 100 and 0 <= record["new"] <= 100
+    assert set(learned(run)) == {"prompt_learner.ctx", "prompt_learner.posterior_mean",
+                                 "prompt_learner.posterior_logvar"}  # nothing frozen is saved
+    vprompt.main(vprompt.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON,
+                                     "--test-batch-size", "3"]))
+    again = json.loads((run / "eval.json").read_text())
+    assert (again["base"], again["new"]) == (record["base"], record["new"])
+    for split, loss in record["test_loss"].items():  # continuous: other draws would not match
+        assert again["test_loss"][split] == pytest.approx(loss, rel=1e-6, abs=1e-7), split
 
 
-def run_script(argv, cwd, wait=True):
-    code = (f"import open_clip, runpy, sys; open_clip.factory._MODEL_CONFIGS[{TINY_NAME!r}] = {TINY!r}; "
-            f"sys.argv = ['vprompt.py', *{list(argv)!r}]; runpy.run_path('vprompt.py', run_name='__main__')")
-    command = [sys.executable, "-c", code]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL a real training process (conditional: per-image draws every step), --resume it, and get bit
-    for bit the learned tensors and the numbers of a run that was never interrupted."""
-    cwd = vprompt.__file__.rsplit("/", 1)[0]
+    """SIGKILL a real training process (conditional: per-image draws every step), --resume it, and
+    get bit for bit the learned tensors and the numbers of a run that was never interrupted."""
     train = ["--conditional", "--epochs", "30", "--batch-size", "2"]
     whole, killed = tmp_path / "runs" / "whole", tmp_path / "runs" / "killed"
-    run_script(fixture_run(tmp_path, *train, name="whole"), cwd)
-    proc = run_script(fixture_run(tmp_path, *train, name="killed"), cwd, wait=False)
+    run_script(fixture_run(tmp_path, *train, name="whole"))
+    proc = run_script(fixture_run(tmp_path, *train, name="killed"), wait=False)
     stopped_at = kill_after_epochs(proc, killed)  # after 3 finished epochs, without warning
     assert 3 <= stopped_at < 30 and not (killed / "results.json").exists()
-    stdout = run_script(["--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON], cwd)
+    stdout = run_script(["--resume", str(killed), "--root", str(tmp_path / "data"), *COMMON]).stdout
     assert f"resuming after epoch {stopped_at}" in stdout
     for name, tensor in learned(whole).items():
         assert torch.equal(tensor, learned(killed)[name]), name
@@ -292,61 +340,25 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     assert (a["base"], a["new"], a["test_loss"]) == (b["base"], b["new"], b["test_loss"])
 
 
-def test_a_non_finite_loss_stops_the_run_with_epoch_and_step_and_records_nothing(tmp_path, monkeypatch):
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
-    real, calls = vprompt.train_step, []
-
-    def diverging(model, optimizer, x, y):
-        calls.append(1)
-        loss, correct = real(model, optimizer, x, y)
-        return (loss * float("nan") if len(calls) == 4 else loss), correct
-    monkeypatch.setattr(vprompt, "train_step", diverging)
-    with pytest.raises(SystemExit, match=r"the loss became nan at epoch 2, step 2 .*nothing was recorded"):
-        vprompt.main(vprompt.parse_args(fixture_run(tmp_path, "--epochs", "3", "--batch-size", "2")))  # 2 steps an epoch
-    run = tmp_path / "runs" / "run1"
-    assert not (run / "results.json").exists() and not (run.parent / "results.jsonl").exists()
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good epoch stays
-
-
+# ---------------------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("conditional", [False, True])
 def test_captured_step_gives_the_eager_losses_and_fresh_draws_on_cuda(clip, conditional):
-    """At zero variance (every draw is the mean) the step replayed as a CUDA graph gives the eager step's
-    losses and parameters; with variance, each replay draws new residuals (lr 0: the same batch, other losses)."""
+    """At zero variance (every draw is the mean) the step replayed as a CUDA graph gives the eager
+    step's losses and parameters; with variance, each replay draws new residuals (lr 0: the same
+    batch, other losses)."""
     gpu_clip = copy.deepcopy(clip).cuda()
     paper = argparse.Namespace(lr=0.002, momentum=0.9, weight_decay=5e-4)
     batches = [(images(4, seed=i).cuda(), torch.tensor([0, 1, 2, 3]).cuda()) for i in range(4)]
     eager, captured = (zero_variance(model_of(gpu_clip, conditional=conditional)).cuda() for _ in range(2))
-    opt_eager, opt_captured = (vprompt.sgd([p for p in m.parameters() if p.requires_grad], paper, torch.device("cuda"))
-                               for m in (eager, captured))
+    opt_eager, opt_captured = (vprompt.sgd([p for p in m.parameters() if p.requires_grad], paper,
+                                           torch.device("cuda")) for m in (eager, captured))
     expected = [vprompt.train_step(eager, opt_eager, x, y)[0].item() for x, y in batches]
-    step = vprompt.CapturedStep(vprompt.train_step, captured, opt_captured)
+    step = kernels.CapturedStep(vprompt.train_step, captured, opt_captured)
     assert [step(x, y)[0].item() for x, y in batches] == pytest.approx(expected, rel=1e-3)
     for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * max(1.0, a.abs().max().item()))
     noisy = model_of(gpu_clip, conditional=conditional).cuda()
-    frozen = vprompt.sgd([p for p in noisy.parameters() if p.requires_grad],
-                         argparse.Namespace(lr=0.0, momentum=0.9, weight_decay=0.0), torch.device("cuda"))
-    step = vprompt.CapturedStep(vprompt.train_step, noisy, frozen)
+    step = kernels.CapturedStep(vprompt.train_step, noisy, frozen_sgd(noisy, "cuda"))
     losses = [step(*batches[0])[0].item() for _ in range(3)]
     assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 3
-
-
-def test_shared_prefix_text_pass_equals_the_whole_prompts_through_open_clips_blocks(clip):
-    """The C prompts of a draw share [SOS][V + r]; computing those positions once per draw gives the
-    features of the whole prompts through TextEncoder (open_clip's blocks), for class names of different
-    token lengths, in value and in gradient."""
-    names = ["ox", "hot air balloon", "x-ray film of a golden retriever", "cat"]
-    model = model_of(clip, names=names, samples=3)
-    residuals = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).requires_grad_()
-    shared, tails, eot = model.prompt_learner(residuals.flatten(0, 1))
-    assert shared.shape == (6, 5, 64) and len(set(eot.tolist())) == 3  # SOS + 4 context tokens; 3 EOT positions
-    whole = torch.cat([shared[:, None].expand(-1, 4, -1, -1), tails.expand(6, -1, -1, -1)], dim=2)  # [6, C, len, d]
-    expected = vprompt.TextEncoder(clip)(whole.flatten(0, 1), eot.repeat(6))  # [6 * C, D]
-    got = model.text_encoder(shared, tails, eot)  # [6, C, D]
-    torch.testing.assert_close(got.flatten(0, 1), expected, rtol=1e-5, atol=1e-5)
-    grad_expected, = torch.autograd.grad(expected.square().sum(), residuals)
-    grad_got, = torch.autograd.grad(got.square().sum(), residuals)
-    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
-    full = model.text_features(residuals)  # [2, 3, C, D], normalised
-    torch.testing.assert_close(full, F.normalize(expected, dim=-1).view(2, 3, 4, -1), rtol=1e-5, atol=1e-5)
