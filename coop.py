@@ -368,7 +368,7 @@ def main(args):
 
 
 def build(backbone, classnames, args, device):
-    """The model for these classes and its optimiser (what main trains; kernels/bench_steps.py too)."""
+    """The model for these classes and its optimiser (what main trains; bench_steps.py too)."""
     model = PromptedCLIP(backbone.model, backbone.tokenize, classnames, args).to(device)
     return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
 

@@ -48,6 +48,8 @@ Differs from the official code (muzairkhattak/PromptSRC) in:
 - on CUDA the training step is recorded once as a CUDA graph and replayed (kernels.CapturedStep);
   the logit loss and GPA run as fused Triton kernels where kernels.kernel_available(device), else
   as the PyTorch code below (the same numbers to fp32 rounding; tested).
+- training images are decoded once; their random crops and flips are tensor ops on the step's
+  device (data.train_batches: torchvision's distribution, other draws).
 - a checkpoint is written after every epoch, with the GPA state and what the next epoch needs.
 
 Reading map: promptsrc_loss, train_step, PromptedCLIP, PromptLearner, TextEncoder and ImageEncoder
@@ -477,20 +479,16 @@ def main(args):
 
     # Data and model: the base half of the classes for base2new (CoCoOp's protocol), else all.
     task = data.load_task(args, device)
-    clip, tokenize = task.backbone.model, task.backbone.tokenize
-    model = PromptedCLIP(clip, tokenize, task.train_names, args).to(device)
+    model, optimizer = build(task.backbone, task.train_names, args, device)
     if args.evaluate:
         data.load_learned(model, saved["learned"])
         return data.finish_run(out, evaluate_run(model, task, args), args, start_time)
-    if not args.ivlp:  # the frozen text features of the training classes (textual diversity), once
-        model.set_frozen_text_features(task.train_names, frozen_templates(args.dataset))
     data.make_run_folder(out, args, saved)
     train_items = data.training_items(task, args, cache=out / "fewshot.json")
     train_loader = training_batches(model, train_items, task, args, device)
 
-    # Optimiser: SGD on the prompts, its lr a tensor the schedule fills in place; GPA on the same.
+    # The step: SGD on the prompts, its lr a tensor the schedule fills in place; GPA on the same.
     learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer = sgd(learned, args, device)
     gpa = None if args.ivlp else prompt_average(learned, args, device)
     lr = optimizer.param_groups[0]["lr"]
     step = functools.partial(train_step, model, optimizer)
@@ -507,12 +505,12 @@ def main(args):
 
     for epoch in data.epoch_bar(args, start_epoch):
         lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
-        losses, correct, seen = [], 0, 0
+        losses, correct, seen, started = [], 0, 0, time.time()
         for batch in train_loader:
             loss, n_correct = step(*(t.to(device, non_blocking=True) for t in batch))
             losses.append(loss)
             correct, seen = correct + n_correct, seen + len(batch[1])
-        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args))
+        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args), started)
         extra = None
         if gpa is not None:  # GPA: fold in this epoch's prompts; after the last, they are the model
             gpa.update(epoch + 1, learned)
@@ -526,13 +524,22 @@ def main(args):
     return data.finish_run(out, evaluate_run(model, task, args), args, start_time)
 
 
+def build(backbone, classnames, args, device):
+    """The model for these classes, with the frozen text features textual diversity pulls towards
+    (PromptSRC), and its optimiser (what main trains; kernels/bench_steps.py too)."""
+    model = PromptedCLIP(backbone.model, backbone.tokenize, classnames, args).to(device)
+    if not args.ivlp:
+        model.set_frozen_text_features(classnames, frozen_templates(args.dataset))
+    return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
+
+
 def training_batches(model, items, task, args, device):
     """Batches of (images, labels), and of the frozen image features where no random augmentation
     applies: the frozen encoder gives an image the same feature in every epoch, so it runs once."""
     benchmark, backbone, batch = task.benchmark, task.backbone, args.test_batch_size
-    if benchmark.augment:  # random crops and flips: frozen features come per batch, in train_step
-        return data.make_loader(items, benchmark, backbone, True, args.batch_size, args.seed,
-                                args.workers)
+    if benchmark.augment:  # random crops and flips on the device; frozen features per batch
+        return data.train_batches(items, benchmark, backbone, args.batch_size, args.seed,
+                                  args.workers, device)
     print(f"no training augmentation on {args.dataset}: keeping the {len(items)} training images "
           "and their frozen image features (computed once, exact)")
     plain = data.make_loader(items, benchmark, backbone, False, batch, args.seed, args.workers)

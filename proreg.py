@@ -413,13 +413,13 @@ def fine_tune(model, optimizer, train_set, saved, out, args, device, rank, world
     epochs = data.epoch_bar(args, start_epoch) if rank == 0 else range(start_epoch, args.epochs)
     for epoch in epochs:
         net.train()
-        losses, correct, seen = [], 0, 0
+        losses, correct, seen, started = [], 0, 0, time.time()
         for i, (x, y, zs_logits) in enumerate(train_set.batches(epoch, rank, world_size)):
             set_lr(optimizer, lr_factor(epoch * steps + i, args.epochs * steps, args.warmup))
             loss, n_correct = step(x, y, zs_logits)
             losses.append(loss)
             correct, seen = correct + n_correct, seen + len(y)
-        fit = data.epoch_fit(losses, correct, seen, epoch)
+        fit = data.epoch_fit(losses, correct, seen, epoch, started=started)
         if rank == 0:
             data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
                                  train=fit)

@@ -48,6 +48,8 @@ Differs from the official code (saic-fi/Bayesian-Prompt-Learning, trainers/vpt.p
   not its configs; both variants use them (the released scripts run the standard one).
 - on CUDA the step is recorded once as a CUDA graph and replayed (kernels.CapturedStep), with fresh
   draws at every replay (graph-safe generator offsets); a checkpoint after every epoch (--resume).
+- training images are decoded once; their random crops and flips are tensor ops on the step's
+  device (data.train_batches: torchvision's distribution, other draws).
 
 Reading map: PromptedCLIP (the samples, the predictive), train_step (the objective), PromptLearner
 (the prompts, the posterior), SharedPrefixTextEncoder; main (the recipe); data.py (run machinery).
@@ -417,8 +419,7 @@ def main(args):
 
     # Data and model: the base half of the classes for base2new (CoCoOp's protocol), else all.
     task = data.load_task(args, device)
-    backbone = task.backbone
-    model = PromptedCLIP(backbone.model, backbone.tokenize, task.train_names, args).to(device)
+    model, optimizer = build(task.backbone, task.train_names, args, device)
     if args.evaluate:
         data.load_learned(model, saved["learned"])
         return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
@@ -426,9 +427,8 @@ def main(args):
     train_items = data.training_items(task, args, cache=out / "fewshot.json")
     train_loader = training_batches(model, train_items, task, args, device)
 
-    # Optimiser: SGD on the context and the posterior (its parameters, or the networks giving it).
+    # The step: SGD on the context and the posterior (its parameters, or the networks giving it).
     learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer = sgd(learned, args, device)
     lr = optimizer.param_groups[0]["lr"]
     step = functools.partial(train_step, model, optimizer)
     if kernels is not None and device.type == "cuda" and not args.eager:
@@ -439,24 +439,31 @@ def main(args):
 
     for epoch in data.epoch_bar(args, start_epoch):
         lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
-        losses, correct, seen = [], 0, 0
+        losses, correct, seen, started = [], 0, 0, time.time()
         for x, y in train_loader:
             loss, n_correct = step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             losses.append(loss)
             correct, seen = correct + n_correct, seen + len(y)
-        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args))  # -ELBO, acc
+        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args), started)
         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
                              train_loader.generator, fit)
 
     return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
 
 
+def build(backbone, classnames, args, device):
+    """The model for these classes and its optimiser (what main trains; bench_steps.py too)."""
+    model = PromptedCLIP(backbone.model, backbone.tokenize, classnames, args).to(device)
+    return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
+
+
 def training_batches(model, items, task, args, device):
     """Training batches of (images, labels), or of (frozen image features, labels) where no random
     augmentation applies: the frozen encoder then gives every image the same feature every epoch."""
     loader = functools.partial(data.make_loader, items, task.benchmark, task.backbone)
-    if task.benchmark.augment:  # random crops and flips: the image encoder runs on every batch
-        return loader(True, args.batch_size, args.seed, args.workers)
+    if task.benchmark.augment:  # random crops and flips on the device: the encoder runs every batch
+        return data.train_batches(items, task.benchmark, task.backbone, args.batch_size, args.seed,
+                                  args.workers, device)
     print(f"no training augmentation on {args.dataset}: caching the frozen image features of the "
           f"{len(items)} training images once (exact)")
     plain = loader(False, args.test_batch_size, args.seed, args.workers)
