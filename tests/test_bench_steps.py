@@ -1,8 +1,4 @@
 """kernels/bench.py steps: the step benchmark runs a method file's own model and train_step."""
-import sys
-
-import pytest
-
 from kernels import bench_steps
 
 

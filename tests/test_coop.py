@@ -4,20 +4,13 @@ step, and end-to-end runs of the script on a tiny Caltech101 fixture (the run ma
 through coop.py, is tested in test_runs.py)."""
 import argparse
 import copy
-import json
 import math
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from PIL import Image
 
 import coop
 import data

@@ -18,12 +18,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import kernels
 import proreg
-from conftest import kill_after_epochs
+from conftest import caltech_fixture, kill_after_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NAME = "proreg-test-tiny"  # a random-init CLIP small enough for CPU tests
@@ -204,16 +203,6 @@ def test_global_batches_split_evenly_over_processes():
 
 
 # ---------------------------------------------------------------------------- runs on a fixture
-def caltech_fixture(root: Path, n_classes=4, per_class=10):
-    gen = torch.Generator().manual_seed(0)
-    for c in ["BACKGROUND_Google", "Faces", "accordion", "airplanes", "anchor"][:n_classes + 1]:
-        folder = root / "caltech-101" / "101_ObjectCategories" / c
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = (torch.rand(40, 44, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"image_{i + 1:04d}.jpg")
-
-
 def fixture_run(tmp_path, *extra, name="run1"):
     if not (tmp_path / "data").exists():
         caltech_fixture(tmp_path / "data")
