@@ -53,7 +53,8 @@ Differs from the official code (BeierZhu/ProReg, a ViLT/Lightning scaffold aroun
   image's draw comes from a generator seeded by (seed, epoch, image index), so that the augmentation
   does not depend on worker or process layout (exact resume, DistributedDataParallel = one process).
   The offline world is not augmented (data.Benchmark.augment: a colour or geometric op would change
-  its classes).
+  its classes). RandAugment stays in the loader's workers (the other method files' crops and flips
+  run batched on the device, data.train_batches; RandAugment's PIL ops have no exact tensor form).
 - the global batch is one seeded permutation per epoch, cut into batches of --batch-size (the last
   incomplete one dropped, as Dassl does) and split evenly over processes and accumulation steps, so
   that N processes x K steps of B / (N K) give the update of one process with B (DDP averages).
@@ -104,15 +105,16 @@ class TextEncoder(nn.Module):
 
     def __init__(self, clip):
         super().__init__()
-        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's text tower"
+        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's"
         self.resblocks = clip.transformer.resblocks
         self.positional_embedding = clip.positional_embedding  # [L, d]
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection  # [d, D]
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [L, L], -inf above the diagonal
+        # [L, L], -inf above the diagonal
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
 
     def forward(self, prompts, eot):
-        """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions. Returns features [N, D]."""
+        """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions -> [N, D]"""
         n = prompts.shape[1]
         x = prompts + self.positional_embedding[:n]  # [N, n, d]
         for block in self.resblocks:

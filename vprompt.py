@@ -269,15 +269,16 @@ class TextEncoder(nn.Module):
 
     def __init__(self, clip):
         super().__init__()
-        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's text tower"
+        assert clip.transformer.batch_first and clip.text_pool_type == "argmax", "needs open_clip's"
         self.resblocks = clip.transformer.resblocks
         self.positional_embedding = clip.positional_embedding  # [L, d]
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection  # [d, D]
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [L, L], -inf above the diagonal
+        # [L, L], -inf above the diagonal
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
 
     def forward(self, prompts, eot):
-        """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions. Returns features [N, D]."""
+        """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions -> [N, D]"""
         n = prompts.shape[1]
         x = prompts + self.positional_embedding[:n]  # [N, n, d]
         for block in self.resblocks:

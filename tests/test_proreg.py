@@ -265,7 +265,7 @@ def test_run_records_every_row_and_evaluate_reproduces_it(tmp_path, monkeypatch)
     assert results["method"] == "proreg" and results["epoch"] == 2 and results["all"] == record["all"]
     assert set(results["zero_shot"]) == set(results["ensemble"]) == {"all", "hm"}
     assert results["peak_memory_mb"] > 0 and results["processes"] == 1
-    assert set(results["train"]) == {"loss", "acc"} and math.isfinite(results["train"]["loss"])
+    assert set(results["train"]) == {"loss", "acc", "s"} and math.isfinite(results["train"]["loss"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert set(ckpt["learned"]) >= {"class_embeddings", "logit_scale", "visual.conv1.weight"}
     again = proreg.main(proreg.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
