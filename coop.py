@@ -20,9 +20,8 @@ trained on, at the price of one text pass per (image, class) pair.
   python coop.py --evaluate RUN_DIR --eval-datasets dtd,eurosat     # a saved run on other datasets
 
 Protocols (--protocol; data.evaluation_sets): base2new (default, CoCoOp's: train on the base half,
-test base and new, each in its own label space, and their harmonic mean), all (CoOp's few-shot:
-train and test on every class; the shifted test sets give domain generalisation), cross (as all,
-then test on other datasets, each in its own label space).
+test base and new, each in its own label space, and their HM), all (CoOp's few-shot: every class),
+cross (as all, then other datasets, each in its own label space).
 
 Differs from the official code (KaiyangZhou/CoOp) in:
 - open_clip instead of OpenAI's clip package (QuickGELU forced for the `openai` weights, as theirs).
@@ -35,15 +34,13 @@ Differs from the official code (KaiyangZhou/CoOp) in:
   code counts words (3 there) and so mis-sizes the context for such words.
 - CoCoOp is batched over images (one text pass for a chunk of images), not a loop per image.
 - --csc with --ctx-init starts every class from the words (the official code drops --csc).
-- on CUDA the training step is recorded once as a CUDA graph and replayed (kernels.CapturedStep,
-  when kernels/ is beside this file); the lr is a tensor filled in place each epoch, and SGD is the
-  fused implementation there (same update).
+- on CUDA the step is replayed as a CUDA graph (kernels.CapturedStep, when kernels/ is beside this
+  file); the lr is a tensor filled in place each epoch, SGD the fused implementation (same update).
 - training images are decoded once; their random crops and flips are tensor ops on the step's
   device (data.train_batches: torchvision's distribution, other draws). A checkpoint each epoch.
 
 Reading map: PromptLearner (the learned context), PromptedCLIP (the logits), train_step (the
-objective), then main (the recipe). data.py holds the run machinery (flags, run folder, checkpoints,
-evaluation, results); kernels/ the captured step.
+objective), then main (the recipe); data.py holds the run machinery, kernels/ the captured step.
 """
 import argparse
 import functools
@@ -349,8 +346,7 @@ def main(args):
     if kernels is not None and device.type == "cuda" and not args.eager:
         step = kernels.CapturedStep(train_step, model, optimizer)  # replayed as a CUDA graph
     learned = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"learning {learned:,} parameters on {len(train_items)} images "
-          f"of {len(task.train_names)} {task.train_classes} classes")
+    print(f"learning {learned:,} parameters on {len(train_items)} images ({task.train_classes} classes)")
     start_epoch = data.restore_checkpoint(saved, model, optimizer, train_loader.generator)
 
     for epoch in data.epoch_bar(args, start_epoch):
