@@ -346,7 +346,7 @@ def main(args):
     if kernels is not None and device.type == "cuda" and not args.eager:
         step = kernels.CapturedStep(train_step, model, optimizer)  # replayed as a CUDA graph
     learned = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"learning {learned:,} parameters on {len(train_items)} images ({task.train_classes} classes)")
+    print(f"learning {learned:,} parameters on {len(train_items)} {task.train_classes} images")
     start_epoch = data.restore_checkpoint(saved, model, optimizer, train_loader.generator)
 
     for epoch in data.epoch_bar(args, start_epoch):
