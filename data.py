@@ -1195,10 +1195,12 @@ RESULT_KEYS = ("method", "dataset", "backbone", "shots", "protocol")  # what eve
 
 
 def read_results(runs_dir) -> list:
-    """Every record of every *.jsonl file under runs_dir. A line that is not a JSON record with
-    RESULT_KEYS is skipped with a warning naming file and line."""
+    """Every record of every *.jsonl file under runs_dir but the runs' epoch logs (log.jsonl). A line
+    that is not a JSON record with RESULT_KEYS is skipped with a warning naming file and line."""
     records = []
     for path in sorted(Path(runs_dir).rglob("*.jsonl")):
+        if path.name == "log.jsonl":  # a run's epoch log (append_log), not results
+            continue
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if line.strip():
                 try:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import open_clip
 import pytest
@@ -59,6 +60,9 @@ def test_a_finished_run_is_never_overwritten_and_evaluate_reproduces_it(tmp_path
     assert (run / "checkpoint.pt").read_bytes() == saved
     coop.main(coop.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
     check_reproduced(run, results)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run's log.jsonl is not read as (bad) result lines
+        assert [r["base"] for r in data.read_results(tmp_path / "runs")] == [results["base"]]
     coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "1", "--warmup-epochs", "0", "--overwrite")))
     assert not (run / "eval.json").exists()  # nothing of the old run stays beside the new results
     assert data.load_checkpoint(run / "checkpoint.pt")["metrics"]["epoch"] == 1
