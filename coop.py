@@ -52,7 +52,6 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 import data
 
@@ -199,12 +198,11 @@ def train_step(model, optimizer, x, y):
 
 
 def sgd(learned, args, device):
-    """Dassl's SGD, with the lr in a tensor that the schedule fills in place, so that a captured
-    step reads each epoch's value (fused SGD reads it on the GPU; float64 on the CPU is the update
-    of a Python float, bit for bit)."""
+    """Dassl's SGD, its lr a tensor the schedule fills in place, so that a captured step reads each
+    epoch's value (fused SGD on the GPU; float64 on the CPU: a Python float's update, exactly)."""
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    lr = torch.tensor(args.lr, dtype=dtype, device=device)
-    return torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+    return torch.optim.SGD(learned, lr=torch.tensor(args.lr, dtype=dtype, device=device),
+                           momentum=args.momentum, weight_decay=args.weight_decay,
                            fused=device.type == "cuda")
 
 
@@ -300,10 +298,7 @@ def check_settings(args):
     data.UsageError: one line that names the value). The prompt's length is checked where it is
     tokenized (PromptLearner)."""
     data.check_run_args(args)
-    data.check_float("--lr", args.lr, above=0)
-    for name in ("momentum", "weight_decay", "warmup_lr"):
-        data.check_float(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
-    data.check_warmup("--warmup-epochs", args.warmup_epochs, args.epochs)
+    data.check_sgd_args(args)
     data.require(args.ctx_init.strip() or args.n_ctx >= 1,
                  f"--n-ctx {args.n_ctx} with an empty --ctx-init: the prompt needs a context token")
     data.require(not (args.csc and args.conditional),
@@ -325,9 +320,7 @@ def main(args):
     start_time = time.time()
     args, saved, out, device = data.start_run(args, method_name(args), resolve_settings,
                                               check_settings)
-    print(f"{method_name(args)} on {args.dataset} ({args.protocol}): {args.model}/{args.pretrained}"
-          f", {args.shots} shots, seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}, "
-          f"device {device} -> {out}")
+    data.print_start(args, method_name(args), device, out)
     data.seed_everything(args.seed)  # few-shot sampling, context init, shuffling
 
     # Data and model: the base half of the classes for base2new, every class otherwise.
@@ -338,7 +331,9 @@ def main(args):
         return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
     data.make_run_folder(out, args, saved)
     train_items = data.training_items(task, args, cache=out / "fewshot.json")
-    train_loader = training_batches(model, train_items, task, args, device)
+    # (images or, where no augmentation applies, their frozen features computed once, labels)
+    train_loader = data.training_batches(task, train_items, args, device, model.encode_image,
+                                         images=False)
 
     # The step: SGD on the context (and CoCoOp's meta-net); the schedule fills its lr tensor.
     lr = optimizer.param_groups[0]["lr"]
@@ -369,23 +364,6 @@ def build(backbone, classnames, args, device):
     return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
 
 
-def training_batches(model, items, task, args, device):
-    """Training batches of (images, labels), or of (frozen image features, labels) where no random
-    augmentation applies: the frozen encoder then gives an image the same feature in every epoch."""
-    benchmark, backbone = task.benchmark, task.backbone
-    if benchmark.augment:  # random crops and flips, on the device: the encoder runs on every batch
-        return data.train_batches(items, benchmark, backbone, args.batch_size, args.seed,
-                                  args.workers, device)
-    print(f"no training augmentation on {args.dataset}: caching the frozen image features of the "
-          f"{len(items)} training images once (exact)")
-    plain = data.make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed,
-                             args.workers)
-    features, labels = data.encode_images(model.encode_image, plain, device)
-    return DataLoader(TensorDataset(features, labels), batch_size=args.batch_size, shuffle=True,
-                      drop_last=len(features) >= args.batch_size,
-                      generator=torch.Generator().manual_seed(args.seed))
-
-
 def evaluate_run(model, task, args, device) -> dict:
     """Accuracy of the learned prompts and of zero-shot CLIP on the protocol's test sets
     (data.evaluation_sets), on image features computed once per split; prints the table, returns the
@@ -397,16 +375,13 @@ def evaluate_run(model, task, args, device) -> dict:
         if args.csc and names != task.train_names:
             print(f"--csc: the learned contexts belong to the training classes; none for {split}")
             continue
-        loader = data.split_loader((items, names, source), task.backbone, args)
-        features, labels = data.encode_images(model.encode_image, loader, device)  # once per split
-        size = args.test_batch_size
-        batches = list(zip(features.split(size), labels.split(size)))
+        backbone = task.backbone  # image features computed once per split, for both rows
+        batches = data.feature_batches(splits[split], backbone, args, device, model.encode_image)
         model.prompt_learner.set_classes(names)
         metrics = data.evaluate(model, batches)
         rows[ours][split], test_loss[split] = metrics["acc"], metrics["loss"]
-        zero_shot = data.ZeroShotCLIP(task.backbone.model, task.backbone.tokenize, names,
-                                      source.template)
-        rows["zero-shot CLIP"][split] = data.evaluate(zero_shot, batches)["acc"]
+        rows["zero-shot CLIP"][split] = data.zero_shot_accuracy(backbone, names, source.template,
+                                                                batches)
     model.prompt_learner.set_classes(task.train_names)
     return data.result_record(method_name(args), args, task, rows, ours, splits, test_loss)
 

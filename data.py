@@ -64,11 +64,15 @@ API CONTRACT (used by the method files; keep these names and meanings):
 
 Runs (section 8; a method file's main calls these, see the example at the section's head):
   add_run_flags(parser, ...); resolve_run_args(args); check_run_args(args, min_epochs, min_shots);
-  check_warmup(name, value, epochs); eval_datasets(args); run_device(name) -> torch.device
+  check_warmup(name, value, epochs); check_sgd_args(args); eval_datasets(args); run_device(name)
   start_run(args, method, resolve, check) -> (args, saved checkpoint or None, run folder, device)
+  print_start(args, method, device, out, **more)
   make_run_folder(out, args, saved); seed_everything(seed)
   load_task(args, device) -> Task(benchmark, targets, backbone, train_classes, train_names)
   training_items(task, args, cache); evaluation_sets(task, protocol); split_loader(split, backbone, args)
+  training_batches(task, items, args, device, frozen=None, images=True): the training batches (world:
+  frozen features computed once); feature_batches(split, backbone, args, device, frozen): a test split's
+  (features, labels) batches; zero_shot_accuracy(backbone, classnames, template, batches)
   save_checkpoint(path, args, epoch, model, optimizer, generator, train, extra);
   restore_checkpoint(saved, model, optimizer, generator) -> epochs done; load_learned(model, learned)
   epoch_bar(args, start); epoch_fit(losses, correct, seen, epoch, lr) -> {loss, acc} (stops on NaN)
@@ -1321,15 +1325,17 @@ def results_table(records: list) -> str:
 # schedule; everything else a run does is here, once. Its main reads as the recipe:
 #
 #     args, saved, out, device = data.start_run(args, "coop", resolve_settings, check_settings)
-#     seed_everything(args.seed); task = data.load_task(args, device); model = ...(task)
+#     data.print_start(...); seed_everything(args.seed); task = data.load_task(args, device)
+#     model, optimizer = build(...)                   # the method's own
 #     data.make_run_folder(out, args, saved)          # a new run, once everything could be built
 #     items = data.training_items(task, args, out)    # few-shot sample of the training classes
-#     ... optimiser; start = data.restore_checkpoint(saved, model, optimizer, generator) ...
+#     batches = data.training_batches(task, items, args, device, frozen_encoder)
+#     start = data.restore_checkpoint(saved, model, optimizer, batches.generator)
 #     for epoch in data.epoch_bar(args, start):
-#         ... steps ...; fit = data.epoch_fit(losses, correct, seen, epoch)
+#         ... steps ...; fit = data.epoch_fit(losses, correct, seen, epoch, lr, started)
 #         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer, generator, fit)
-#     record = evaluate_run(...)   # its own: data.evaluation_sets, data.evaluate, data.ZeroShotCLIP,
-#     data.finish_run(out, record, args, start_time)   # data.result_record, data.print_results
+#     record = evaluate_run(...)   # its own: data.evaluation_sets, data.feature_batches, data.evaluate,
+#     data.finish_run(out, record, args, start_time)   # data.zero_shot_accuracy, data.result_record
 
 PROTOCOLS = {"base2new": "base", "all": "all", "cross": "all"}  # protocol -> the classes it trains on
 
@@ -1421,6 +1427,15 @@ def check_warmup(name: str, value, epochs) -> None:
                 "warm-up; use fewer warm-up epochs")
 
 
+def check_sgd_args(args) -> None:
+    """Dassl's SGD and schedule flags (coop.py, promptsrc.py, vprompt.py): --lr > 0; --momentum,
+    --weight-decay, --warmup-lr >= 0; --warmup-epochs shorter than --epochs."""
+    check_float("--lr", args.lr, above=0)
+    for name in ("momentum", "weight_decay", "warmup_lr"):
+        check_float(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
+    check_warmup("--warmup-epochs", args.warmup_epochs, args.epochs)
+
+
 def eval_datasets(args) -> list:
     """The other datasets a run is tested on (--eval-datasets), as a list."""
     return [name.strip() for name in (args.eval_datasets or "").split(",") if name.strip()]
@@ -1471,6 +1486,13 @@ def start_run(args, method: str, resolve: Callable, check: Callable):
         require(args.overwrite or not (out / "checkpoint.pt").exists(), f"{out} already holds a checkpoint: "
                 "pass --overwrite to replace the run, --resume to continue it, or another --output-dir")
     return args, saved, out, run_device(args.device)
+
+
+def print_start(args, method: str, device, out, **more) -> None:
+    """The run's first line: method, dataset, protocol, backbone, shots, seed, epochs, batch, `more`."""
+    extra = "".join(f", {key} {value}" for key, value in more.items())
+    print(f"{method} on {args.dataset} ({args.protocol}): {args.model}/{args.pretrained}, {args.shots} shots, "
+          f"seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}{extra}, device {device} -> {out}")
 
 
 def make_run_folder(out: Path, args, saved) -> None:
@@ -1675,6 +1697,40 @@ def encode_images(encode: Callable, loader, device):
             features.append(encode(images.to(device)))
         labels.append(y)
     return torch.cat(features), torch.cat(labels).to(device)
+
+
+def training_batches(task, items, args, device, frozen=None, images=True):
+    """A run's training batches. With task.benchmark.augment (real data): train_batches' (images,
+    labels) on `device`, a new random crop of each image every epoch. Without (the world) every image
+    is one fixed tensor, so what a frozen encoder makes of it is computed once (exact): batches of
+    (images, labels, frozen(images)), or (frozen(images), labels) with images=False, or (images,
+    labels) with no `frozen`; shuffled by `.generator` (seeded with --seed, checkpointed)."""
+    benchmark, backbone = task.benchmark, task.backbone
+    if benchmark.augment:
+        return train_batches(items, benchmark, backbone, args.batch_size, args.seed, args.workers, device)
+    print(f"no training augmentation on {args.dataset}: the {len(items)} training images and what the "
+          "frozen encoder makes of them are computed once (exact)")
+    plain = make_loader(items, benchmark, backbone, False, args.test_batch_size, args.seed, args.workers)
+    pixels, labels = (torch.cat(t) for t in zip(*plain))
+    features, size = None, args.test_batch_size
+    if frozen is not None:
+        with torch.no_grad():
+            features, _ = encode_images(frozen, zip(pixels.split(size), labels.split(size)), device)
+    tensors = [t for t in ((pixels, labels, features) if images else (features, labels)) if t is not None]
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*tensors), batch_size=args.batch_size, shuffle=True,
+        drop_last=len(labels) >= args.batch_size, generator=torch.Generator().manual_seed(args.seed))
+
+
+def feature_batches(split, backbone, args, device, frozen) -> list:
+    """A test split's batches of (frozen(images) [B, D], labels), the features computed once."""
+    features, labels = encode_images(frozen, split_loader(split, backbone, args), device)
+    return list(zip(features.split(args.test_batch_size), labels.split(args.test_batch_size)))
+
+
+def zero_shot_accuracy(backbone, classnames, template, batches) -> float:
+    """The zero-shot row: CLIP's accuracy in % with the hand-written `template` on these batches."""
+    return evaluate(ZeroShotCLIP(backbone.model, backbone.tokenize, classnames, template), batches)["acc"]
 
 
 class ZeroShotCLIP(torch.nn.Module):

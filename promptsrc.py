@@ -28,15 +28,14 @@ vit_b16_c2_ep20_batch4_4+4ctx; all ..._ep50_batch4_4+4ctx_few_shot (50 epochs, G
 
 Differs from the official code (muzairkhattak/PromptSRC) in:
 - open_clip instead of OpenAI's clip package (QuickGELU forced for the `openai` weights, as theirs).
-- precision: fp32 weights and prompts with bf16 autocast on CUDA (the frozen text features of the
-  templates included). The official default (PREC fp16) runs the prompted CLIP in fp16: its input
-  text context is fp16, its deeper prompts fp32 parameters cast to fp16 in the forward; its frozen
-  text features come from a second, fp32 CLIP.
-- the frozen model is the prompted one with its prompts off, not more copies of CLIP.
-- frozen image features are computed once per training image where no random augmentation applies
-  (the offline world), else once per batch as the official code does; frozen text features once
-  per class set; the prompted text side once per evaluation, not per test batch.
-- the text transformer runs only up to the longest prompt's end-of-text token (exact: causal mask).
+- precision: fp32 weights and prompts, bf16 autocast on CUDA (the templates' frozen text features
+  too). The official default (PREC fp16) runs the prompted CLIP in fp16: its input text context is
+  fp16, its deeper prompts fp32 parameters cast to fp16 in the forward; its frozen text features
+  come from a second, fp32 CLIP. Here the frozen model is the prompted one with its prompts off.
+- frozen image features once per training image where no random augmentation applies (the world),
+  else once per batch as the official code; frozen text features once per class set; the prompted
+  text side once per evaluation, not per test batch; the text transformer runs only up to the
+  longest prompt's end-of-text token (exact: causal mask).
 - a non-empty --ctx-init sets the text context length M to its BPE token count (4 for "a photo of
   a", as the official config); the official code takes N_CTX_TEXT and word-initialises only when
   that is at most 4 (with the first N_CTX_TEXT tokens), else it initialises at random.
@@ -45,16 +44,15 @@ Differs from the official code (muzairkhattak/PromptSRC) in:
   sum_{k<=e} g_k theta_k / sum_{k<=e} g_k, at the last epoch the official sum_e g_e theta_e.
 - on the offline world the frozen text features average the tiny CLIP's pretraining captions that
   name only colour and shape (world/shapes.py WORLD_CAPTIONS: 7), not the 60 ImageNet templates.
-- on CUDA the training step is recorded once as a CUDA graph and replayed (kernels.CapturedStep);
-  the logit loss and GPA run as fused Triton kernels where kernels.kernel_available(device), else
-  as the PyTorch code below (the same numbers to fp32 rounding; tested).
-- training images are decoded once; their random crops and flips are tensor ops on the step's
-  device (data.train_batches: torchvision's distribution, other draws).
-- a checkpoint is written after every epoch, with the GPA state and what the next epoch needs.
+- on CUDA the step is recorded once as a CUDA graph and replayed (kernels.CapturedStep); the logit
+  loss and GPA run as fused Triton kernels where kernels.kernel_available(device), else as the
+  PyTorch code below (the same numbers to fp32 rounding; tested). Training images are decoded once;
+  their random crops and flips are tensor ops on the device (data.train_batches: torchvision's
+  distribution, other draws). A checkpoint after every epoch holds the GPA state too.
 
 Reading map: promptsrc_loss, train_step, PromptedCLIP, PromptLearner, TextEncoder and ImageEncoder
 (deep prompts: coop.py's shared text encoder has none), PromptAverage (GPA), then main (the recipe).
-data.py holds the run machinery (flags, run folder, checkpoints, evaluation)."""
+"""
 import argparse
 import functools
 import math
@@ -64,7 +62,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 import data
 
@@ -348,12 +345,11 @@ def gpa_weights(epochs, mu, sigma):
 
 
 def sgd(learned, args, device):
-    """Dassl's SGD, with the lr in a tensor that the schedule fills in place, so that a captured
-    step reads each epoch's value (fused SGD reads it on the GPU; float64 on the CPU is the update
-    of a Python float, bit for bit)."""
+    """Dassl's SGD, its lr a tensor the schedule fills in place, so that a captured step reads each
+    epoch's value (fused SGD on the GPU; float64 on the CPU: a Python float's update, exactly)."""
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    lr = torch.tensor(args.lr, dtype=dtype, device=device)
-    return torch.optim.SGD(learned, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+    return torch.optim.SGD(learned, lr=torch.tensor(args.lr, dtype=dtype, device=device),
+                           momentum=args.momentum, weight_decay=args.weight_decay,
                            fused=device.type == "cuda")
 
 
@@ -377,16 +373,13 @@ PROMPTSRC_TEMPLATES = ["a photo of a {}."] + [t for t in data.IMAGENET_TEMPLATES
 
 
 def frozen_templates(dataset):
-    """The templates whose mean frozen text feature the text prompts are pulled towards. Real data:
-    PromptSRC's 60. The offline world: the tiny CLIP's own pretraining captions that name only the
-    colour and the shape ("a drawing of a {c} {s}." -> "a drawing of a {}.")."""
+    """The templates whose mean frozen text feature the text prompts are pulled towards: PromptSRC's
+    60 on real data; on the offline world the tiny CLIP's own pretraining captions that name only
+    the colour and the shape ("a drawing of a {c} {s}." -> "a drawing of a {}.")."""
     if not dataset.startswith(data.WORLD_PREFIX):
         return PROMPTSRC_TEMPLATES
-    from world.shapes import WORLD_CAPTIONS  # data.load_dataset has imported world/ for this one
-    templates = [t.replace("{c} {s}", "{}") for t in WORLD_CAPTIONS
-                 if "{c} {s}" in t and t.count("{") == 2]
-    data.require(templates, "no world caption names only colour and shape (frozen text features)")
-    return templates
+    from world.shapes import world_class_templates  # data.load_dataset has imported world/
+    return world_class_templates()
 
 
 def parse_args(argv=None):
@@ -397,8 +390,7 @@ def parse_args(argv=None):
       "cross-entropy only, no GPA (official: --trainer IVLP)")
     a("--ctx-init", default="a photo of a", help="words that initialise the input-level text "
       "context (M = their BPE token count); '' = random N(0, 0.02^2) with --n-ctx-text tokens")
-    a("--n-ctx-text", type=int, default=4, help="text prompt tokens per block when --ctx-init is "
-      "empty (paper: 4)")
+    a("--n-ctx-text", type=int, default=4, help="text prompt tokens per block if no --ctx-init (4)")
     a("--n-ctx-vision", type=int, default=4, help="image prompt tokens per block (paper: 4)")
     a("--prompt-depth-text", type=int, default=None, help="text blocks that get prompts, from the "
       "first (paper: 9; cross-dataset 3); capped at the model's")
@@ -408,8 +400,8 @@ def parse_args(argv=None):
     a("--image-loss-weight", type=float, default=10.0, help="weight of L_SCL-image (paper: 10)")
     a("--gpa-mean", type=float, default=None, help="GPA: mean of the Gaussian over epochs 1..E "
       "(paper: 15; few-shot 30 or 45; cross-dataset 6)")
-    a("--gpa-std", type=float, default=None,
-      help="GPA: its standard deviation (paper: 1; few-shot 30 or 5; cross-dataset 10)")
+    a("--gpa-std", type=float, default=None, help="GPA: its standard deviation (paper: 1; few-shot "
+      "30 or 5; cross-dataset 10)")
     a("--lr", type=float, default=0.0025,
       help="SGD learning rate after warm-up, cosine-annealed per epoch (paper: 0.0025)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default: 0.9)")
@@ -445,16 +437,14 @@ def check_settings(args):
     data.check_run_args(args)
     for name, least in (("prompt_depth_text", 1), ("n_ctx_vision", 1), ("prompt_depth_vision", 0)):
         data.check_int(f"--{name.replace('_', '-')}", getattr(args, name), least)
-    data.check_float("--lr", args.lr, above=0)
-    for name in ("momentum", "weight_decay", "warmup_lr", "text_loss_weight", "image_loss_weight"):
+    data.check_sgd_args(args)
+    for name in ("text_loss_weight", "image_loss_weight"):
         data.check_float(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
-    data.check_warmup("--warmup-epochs", args.warmup_epochs, args.epochs)
     data.check_float("--gpa-mean", args.gpa_mean)
     data.check_float("--gpa-std", args.gpa_std, above=0)
     data.require(sum(gaussian_pdf(args.epochs, args.gpa_mean, args.gpa_std)) > 0,
                  f"--gpa-mean {args.gpa_mean} with --gpa-std {args.gpa_std} gives every epoch "
-                 f"1..{args.epochs} zero weight (the Gaussian underflows): put the mean within "
-                 "the epochs")
+                 f"1..{args.epochs} zero weight (the Gaussian underflows): move the mean")
     data.require(args.ctx_init.strip() or args.n_ctx_text >= 1, f"--n-ctx-text {args.n_ctx_text} "
                  "with an empty --ctx-init: the prompt needs at least one token")
 
@@ -472,9 +462,7 @@ def main(args):
     start_time = time.time()
     args, saved, out, device = data.start_run(args, method_name(args), resolve_settings,
                                               check_settings)  # --resume: the run's own settings
-    print(f"{method_name(args)} on {args.dataset} ({args.protocol}): {args.model}/"
-          f"{args.pretrained}, {args.shots} shots, seed {args.seed}, {args.epochs} epochs, batch "
-          f"{args.batch_size}, device {device} -> {out}")
+    data.print_start(args, method_name(args), device, out)
     data.seed_everything(args.seed)  # few-shot sampling, prompt init, shuffling
 
     # Data and model: the base half of the classes for base2new (CoCoOp's protocol), else all.
@@ -485,7 +473,8 @@ def main(args):
         return data.finish_run(out, evaluate_run(model, task, args), args, start_time)
     data.make_run_folder(out, args, saved)
     train_items = data.training_items(task, args, cache=out / "fewshot.json")
-    train_loader = training_batches(model, train_items, task, args, device)
+    frozen = None if args.ivlp else functools.partial(model.encode_image, prompted=False)
+    train_loader = data.training_batches(task, train_items, args, device, frozen)  # (x, y[, f(x)])
 
     # The step: SGD on the prompts, its lr a tensor the schedule fills in place; GPA on the same.
     learned = [p for p in model.parameters() if p.requires_grad]
@@ -496,8 +485,7 @@ def main(args):
         step = kernels.CapturedStep(train_step, model, optimizer)  # the same step, as a CUDA graph
     prompts = model.prompt_learner
     print(f"learning {sum(p.numel() for p in learned):,} parameters (prompts in "
-          f"{len(prompts.text_prompts) + 1} text and {len(prompts.vision_prompts)} image blocks) "
-          f"on {len(train_items)} images of {len(task.train_names)} {task.train_classes} classes")
+          f"{len(prompts.text_prompts) + 1} text, {len(prompts.vision_prompts)} image blocks)")
     start_epoch = data.restore_checkpoint(saved, model, optimizer, train_loader.generator)
     if saved and gpa is not None:  # GPA's running average, as it was after the saved epoch
         torch._foreach_copy_(gpa.averages, saved["extra"]["averages"])
@@ -533,27 +521,6 @@ def build(backbone, classnames, args, device):
     return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
 
 
-def training_batches(model, items, task, args, device):
-    """Batches of (images, labels), and of the frozen image features where no random augmentation
-    applies: the frozen encoder gives an image the same feature in every epoch, so it runs once."""
-    benchmark, backbone, batch = task.benchmark, task.backbone, args.test_batch_size
-    if benchmark.augment:  # random crops and flips on the device; frozen features per batch
-        return data.train_batches(items, benchmark, backbone, args.batch_size, args.seed,
-                                  args.workers, device)
-    print(f"no training augmentation on {args.dataset}: keeping the {len(items)} training images "
-          "and their frozen image features (computed once, exact)")
-    plain = data.make_loader(items, benchmark, backbone, False, batch, args.seed, args.workers)
-    images, labels = (torch.cat(t) for t in zip(*plain))
-    tensors = [images, labels]
-    if not args.ivlp:
-        with torch.no_grad(), data.autocast(device):
-            tensors.append(torch.cat([model.encode_image(x.to(device), prompted=False).cpu()
-                                      for x in images.split(batch)]))
-    return DataLoader(TensorDataset(*tensors), batch_size=args.batch_size, shuffle=True,
-                      drop_last=len(images) >= args.batch_size,
-                      generator=torch.Generator().manual_seed(args.seed))
-
-
 def evaluate_run(model, task, args) -> dict:
     """Accuracy of the learned prompts and of zero-shot CLIP on the protocol's test sets
     (data.evaluation_sets), on every test image; prints the table, returns the record."""
@@ -565,8 +532,8 @@ def evaluate_run(model, task, args) -> dict:
         model.prompt_learner.set_classes(names)
         metrics = data.evaluate(model, loader)
         rows[ours][split], test_loss[split] = metrics["acc"], metrics["loss"]
-        zero_shot = data.ZeroShotCLIP(backbone.model, backbone.tokenize, names, source.template)
-        rows["zero-shot CLIP"][split] = data.evaluate(zero_shot, loader)["acc"]
+        rows["zero-shot CLIP"][split] = data.zero_shot_accuracy(backbone, names, source.template,
+                                                                loader)
     model.prompt_learner.set_classes(task.train_names)
     return data.result_record(method_name(args), args, task, rows, ours, splits, test_loss)
 

@@ -18,8 +18,7 @@ stay near the hand-written one. Two variants (one flag):
   python vprompt.py                                      # offline world (tiny CLIP), standard
   python vprompt.py --conditional                        # offline world, conditional
   python vprompt.py --dataset caltech101 --root ~/data   # paper: ViT-B/16 openai, 16 shots, L 20
-  python vprompt.py --resume runs/vprompt-caltech101-16shot-seed1-...    # continue a killed run
-  python vprompt.py --evaluate runs/vprompt-caltech101-16shot-seed1-...  # same draws and numbers
+  python vprompt.py --resume RUN_DIR    # continue a killed run (--evaluate RUN_DIR: same numbers)
   python vprompt.py --protocol cross --dataset imagenet --root ~/data    # cross-dataset transfer
 
 Protocols as coop.py: base2new (default; Table 1), all, cross (Tables 2, 3). No --csc or
@@ -32,7 +31,7 @@ Differs from the official code (saic-fi/Bayesian-Prompt-Learning, trainers/vpt.p
   the tokens beyond that count as a frozen suffix ("itap of a": 3 learned, "a" frozen) and turns
   `_` into spaces in CTX_INIT (here the words are taken as given).
 - the C prompts of a draw share [SOS][V + r], which the causal mask keeps from the class tokens:
-  SharedPrefixTextEncoder computes those positions once per draw (same features, half the work).
+  with kernels/ beside the file those positions run once per draw (same features, half the work).
 - conditional: the prompts of every (image, sample, class) are built, so any batch size works (the
   official code broadcasts the [L, B, d] residuals onto the [1, M, d] context, right only at its
   batch 1); the KL term is the batch's mean. Standard: one draw of L residuals per training batch
@@ -46,14 +45,12 @@ Differs from the official code (saic-fi/Bayesian-Prompt-Learning, trainers/vpt.p
   log-variance), meta_net.mean / .logvar (official Amortized.weight_mean / weight_log_variance).
 - L and the epochs per dataset (DATASET_SETTINGS) come from the official scripts' commands (VPT.md),
   not its configs; both variants use them (the released scripts run the standard one).
-- on CUDA the step is recorded once as a CUDA graph and replayed (kernels.CapturedStep), with fresh
-  draws at every replay (graph-safe generator offsets); a checkpoint after every epoch (--resume).
-- training images are decoded once; their random crops and flips are tensor ops on the step's
-  device (data.train_batches: torchvision's distribution, other draws).
+- on CUDA the step is recorded once as a CUDA graph and replayed (kernels.CapturedStep), fresh
+  draws at every replay (graph-safe generator offsets). Training images are decoded once, their
+  random crops and flips tensor ops on the device (data.train_batches: torchvision's distribution).
 
 Reading map: PromptedCLIP (the samples, the predictive), train_step (the objective), PromptLearner
-(the prompts, the posterior), SharedPrefixTextEncoder; main (the recipe); data.py (run machinery).
-"""
+(the prompts, the posterior); main (the recipe); data.py (run machinery)."""
 import argparse
 import functools
 import math
@@ -63,11 +60,10 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 import data
 
-try:  # kernels/ beside this file: the captured CUDA-graph step; without it the eager step runs
+try:  # kernels/ beside this file: the captured CUDA-graph step and the shared-prefix text pass
     import kernels
 except ImportError:
     kernels = None
@@ -86,7 +82,7 @@ class PromptedCLIP(nn.Module):
         super().__init__()
         self.clip = clip.eval().requires_grad_(False)
         self.prompt_learner = PromptLearner(clip, tokenize, classnames, args)
-        self.text_encoder = SharedPrefixTextEncoder(TextEncoder(clip))
+        self.text_encoder = TextEncoder(clip)
         self.samples = args.samples  # L
         self.sampler = torch.Generator()  # evaluation's draws (CPU), seeded per test split
 
@@ -109,7 +105,14 @@ class PromptedCLIP(nn.Module):
     def text_features(self, residuals):
         """[n, L, C, D] normalised class features of the prompts of each residual [n, L, d]."""
         n, n_samples = residuals.shape[:2]
-        features = self.text_encoder(*self.prompt_learner(residuals.flatten(0, 1)))  # [n*L, C, D]
+        shared, tails, eot = self.prompt_learner(residuals.flatten(0, 1))  # [nL, P, d], [C, T, d]
+        if kernels is not None:  # the shared [SOS][V + r] positions once per draw (same features)
+            features = kernels.shared_prefix_encode(self.text_encoder, shared, tails, eot)
+        else:  # the whole prompts [nL * C, P + T, d]
+            whole = torch.cat([shared[:, None].expand(-1, len(eot), -1, -1),
+                               tails.expand(len(shared), -1, -1, -1)], dim=2).flatten(0, 1)
+            features = self.text_encoder(whole, eot.repeat(len(shared)))
+            features = features.view(len(shared), len(eot), -1)  # [nL, C, D]
         return F.normalize(features.float(), dim=-1).view(n, n_samples, features.shape[1], -1)
 
     def class_text_features(self):
@@ -288,48 +291,6 @@ class TextEncoder(nn.Module):
 # ==== end shared block ====
 
 
-class SharedPrefixTextEncoder(nn.Module):
-    """TextEncoder for prompts in groups that share their first P tokens: the C prompts of a draw r
-    are [SOS][V + r] then each class's own tokens. Under the causal mask the P shared positions
-    never see a class token, so their activations are the same in all C prompts: they are computed
-    once per group, and each class position attends to them and to the class positions before it.
-    The features equal TextEncoder's on the whole prompts (tested), with the shared positions' work
-    done once instead of C times (for "a photo of a" and short class names, about half of it)."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder  # its blocks, positional embedding, final norm, projection
-
-    def forward(self, shared, tails, eot):
-        """shared: [N, P, d] the shared positions of N groups; tails: [C, T, d] the class positions
-        (the same in every group); eot: [C] EOT positions in the whole prompt (>= P). Returns
-        features [N, C, D]."""
-        enc = self.text_encoder
-        (n, p, d), (n_cls, t) = shared.shape, tails.shape[:2]
-        x = shared + enc.positional_embedding[:p]  # [N, P, d]
-        y = (tails + enc.positional_embedding[p:p + t]).expand(n, -1, -1, -1).flatten(0, 1)
-        # class position i (position P + i of the prompt) sees the P shared and class positions <= i
-        mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
-        n_heads = enc.resblocks[0].attn.num_heads
-        heads = lambda z: z.unflatten(-1, (n_heads, -1)).transpose(1, 2)  # noqa: E731 [.,h,len,d/h]
-        for block in enc.resblocks:  # open_clip's ResidualAttentionBlock, its attention written out
-            attn = block.attn
-            q_x, k_x, v_x = map(heads, F.linear(block.ln_1(x), attn.in_proj_weight,
-                                                attn.in_proj_bias).chunk(3, -1))
-            q_y, k_y, v_y = map(heads, F.linear(block.ln_1(y), attn.in_proj_weight,
-                                                attn.in_proj_bias).chunk(3, -1))
-            out_x = F.scaled_dot_product_attention(q_x, k_x, v_x, is_causal=True)  # [N, h, P, d/h]
-            k = torch.cat([k_x.repeat_interleave(n_cls, dim=0), k_y], dim=2)  # [NC, h, P+T, d/h]
-            v = torch.cat([v_x.repeat_interleave(n_cls, dim=0), v_y], dim=2)
-            out_y = F.scaled_dot_product_attention(q_y, k, v, attn_mask=mask)  # [NC, h, T, d/h]
-            x = x + block.ls_1(attn.out_proj(out_x.transpose(1, 2).flatten(2)))
-            y = y + block.ls_1(attn.out_proj(out_y.transpose(1, 2).flatten(2)))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
-            y = y + block.ls_2(block.mlp(block.ln_2(y)))
-        y = y.view(n, n_cls, t, d)[:, torch.arange(n_cls, device=y.device), eot - p]  # [N, C, d]
-        return enc.ln_final(y) @ enc.text_projection  # [N, C, D]
-
-
 # ----------------------------------------------------------------------------------------- settings
 # The released config (configs/trainers/VPT/vit_b16_c4_ep10_batch1_ctxv1.yaml): batch 1, 40 epochs,
 # L 10, then the per-dataset L and epochs of the official scripts (VPT.md, the same in every
@@ -392,10 +353,7 @@ def check_settings(args):
     data.UsageError); the prompt's length is checked where it is tokenized (PromptLearner)."""
     data.check_run_args(args)
     data.check_int("--samples", args.samples, 1)
-    data.check_float("--lr", args.lr, above=0)
-    for name in ("momentum", "weight_decay", "warmup_lr"):
-        data.check_float(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
-    data.check_warmup("--warmup-epochs", args.warmup_epochs, args.epochs)
+    data.check_sgd_args(args)
     data.require(args.ctx_init.strip() or args.n_ctx >= 1, f"--n-ctx {args.n_ctx} with an empty "
                  "--ctx-init: the prompt needs at least one context token")
 
@@ -413,9 +371,7 @@ def main(args):
     start_time = time.time()
     args, saved, out, device = data.start_run(args, method_name(args), resolve_settings,
                                               check_settings)
-    print(f"{method_name(args)} on {args.dataset} ({args.protocol}): {args.model}/"
-          f"{args.pretrained}, {args.shots} shots, seed {args.seed}, {args.epochs} epochs, batch "
-          f"{args.batch_size}, L {args.samples}, device {device} -> {out}")
+    data.print_start(args, method_name(args), device, out, L=args.samples)
     data.seed_everything(args.seed)  # few-shot sampling, initialisation, shuffling, training draws
 
     # Data and model: the base half of the classes for base2new (CoCoOp's protocol), else all.
@@ -426,7 +382,8 @@ def main(args):
         return data.finish_run(out, evaluate_run(model, task, args, device), args, start_time)
     data.make_run_folder(out, args, saved)
     train_items = data.training_items(task, args, cache=out / "fewshot.json")
-    train_loader = training_batches(model, train_items, task, args, device)
+    train_loader = data.training_batches(task, train_items, args, device, model.encode_image,
+                                         images=False)  # frozen features where no augmentation
 
     # The step: SGD on the context and the posterior (its parameters, or the networks giving it).
     learned = [p for p in model.parameters() if p.requires_grad]
@@ -434,8 +391,7 @@ def main(args):
     step = functools.partial(train_step, model, optimizer)
     if kernels is not None and device.type == "cuda" and not args.eager:
         step = kernels.CapturedStep(train_step, model, optimizer)  # the same step, as a CUDA graph
-    print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images "
-          f"of {len(task.train_names)} {task.train_classes} classes")
+    print(f"learning {sum(p.numel() for p in learned):,} parameters on {len(train_items)} images")
     start_epoch = data.restore_checkpoint(saved, model, optimizer, train_loader.generator)
 
     for epoch in data.epoch_bar(args, start_epoch):
@@ -458,22 +414,6 @@ def build(backbone, classnames, args, device):
     return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
 
 
-def training_batches(model, items, task, args, device):
-    """Training batches of (images, labels), or of (frozen image features, labels) where no random
-    augmentation applies: the frozen encoder then gives every image the same feature every epoch."""
-    loader = functools.partial(data.make_loader, items, task.benchmark, task.backbone)
-    if task.benchmark.augment:  # random crops and flips on the device: the encoder runs every batch
-        return data.train_batches(items, task.benchmark, task.backbone, args.batch_size, args.seed,
-                                  args.workers, device)
-    print(f"no training augmentation on {args.dataset}: caching the frozen image features of the "
-          f"{len(items)} training images once (exact)")
-    plain = loader(False, args.test_batch_size, args.seed, args.workers)
-    features, labels = data.encode_images(model.encode_image, plain, device)
-    return DataLoader(TensorDataset(features, labels), batch_size=args.batch_size, shuffle=True,
-                      drop_last=len(features) >= args.batch_size,
-                      generator=torch.Generator().manual_seed(args.seed))
-
-
 def evaluate_run(model, task, args, device) -> dict:
     """Accuracy of the learned prompt distribution and of zero-shot CLIP on the protocol's test sets
     (data.evaluation_sets), on image features computed once per split, each split's draws seeded
@@ -482,15 +422,13 @@ def evaluate_run(model, task, args, device) -> dict:
     backbone = task.backbone
     rows, test_loss = {"zero-shot CLIP": {}, ours: {}}, {}
     for split, (items, names, source) in splits.items():
-        loader = data.split_loader((items, names, source), backbone, args)
-        features, labels = data.encode_images(model.encode_image, loader, device)  # once per split
-        batches = list(zip(*(t.split(args.test_batch_size) for t in (features, labels))))
+        batches = data.feature_batches(splits[split], backbone, args, device, model.encode_image)
         model.prompt_learner.set_classes(names)
         model.sampler.manual_seed(args.seed)  # each split's draws from the seed: --evaluate repeats
         metrics = data.evaluate(model, batches)
         rows[ours][split], test_loss[split] = metrics["acc"], metrics["loss"]
-        zero_shot = data.ZeroShotCLIP(backbone.model, backbone.tokenize, names, source.template)
-        rows["zero-shot CLIP"][split] = data.evaluate(zero_shot, batches)["acc"]
+        rows["zero-shot CLIP"][split] = data.zero_shot_accuracy(backbone, names, source.template,
+                                                                batches)
     model.prompt_learner.set_classes(task.train_names)
     return data.result_record(ours, args, task, rows, ours, splits, test_loss)
 

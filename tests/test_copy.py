@@ -37,8 +37,7 @@ def run_coop(project: Path, *argv, register_tiny_test_model=False) -> str:
     else:
         command = [sys.executable, "coop.py", *argv]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the folder itself
-    proc = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=180,
-                          env={**env, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -5,6 +5,7 @@ kernels against the readable PyTorch path, and an end-to-end run on a tiny Calte
 --evaluate reproduces. The run machinery itself (data.py section 8) is tested in test_data.py."""
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -384,14 +385,14 @@ def test_cached_frozen_image_features_are_computed_once_per_training_image(tmp_p
         frozen_calls.append(len(x))
         return real_encode(self, x, prompted)
     monkeypatch.setattr(promptsrc.PromptedCLIP, "encode_image", encode_image)
-    batches = list(promptsrc.training_batches(model, items, task, args, torch.device("cpu")))
+    frozen = functools.partial(model.encode_image, prompted=False)
+    batches = list(data.training_batches(task, items, args, torch.device("cpu"), frozen))
     assert frozen_calls == [5, 3]  # the 2 x 4 training images, once, in test batches
     images_, labels, frozen = (torch.cat(t) for t in zip(*batches))
     assert len(batches) == 2 and len(labels) == 6  # batches of 3, the last incomplete one dropped
     with torch.no_grad():
         torch.testing.assert_close(frozen, real_encode(model, images_, prompted=False))
-    ivlp = promptsrc.training_batches(model, items, task, argparse.Namespace(**{**vars(args), "ivlp": True}),
-                                      torch.device("cpu"))
+    ivlp = data.training_batches(task, items, args, torch.device("cpu"))  # IVLP: no frozen features
     assert all(len(batch) == 2 for batch in ivlp) and frozen_calls == [5, 3]
 
 

@@ -20,6 +20,7 @@ import coop
 import data
 import vprompt
 from conftest import COMMON, NAMES, TINY, TINY_NAME, caltech_fixture, images, kill_after_epochs, tiny_clip
+from kernels.shared_prefix import shared_prefix_encode
 
 try:
     import kernels
@@ -231,10 +232,10 @@ def test_sampling_is_reproducible_per_seed(clip):
             assert not torch.allclose(model(features(), model.class_text_features()), first)
 
 
-def test_shared_prefix_text_pass_equals_the_whole_prompts_through_open_clips_blocks(clip):
+def test_shared_prefix_text_pass_equals_the_whole_prompts_through_open_clips_blocks(clip, monkeypatch):
     """The C prompts of a draw share [SOS][V + r]; computing those positions once per draw gives the
-    features of the whole prompts through TextEncoder (open_clip's blocks), for class names of
-    different token lengths, in value and in gradient."""
+    features of the whole prompts through TextEncoder (open_clip's blocks; the readable path without
+    kernels/), for class names of different token lengths, in value and in gradient."""
     names = ["ox", "hot air balloon", "x-ray film of a golden retriever", "cat"]
     model = model_of(clip, names=names, samples=3)
     residuals = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).requires_grad_()
@@ -242,13 +243,15 @@ def test_shared_prefix_text_pass_equals_the_whole_prompts_through_open_clips_blo
     assert shared.shape == (6, 5, 64) and len(set(eot.tolist())) == 3  # SOS + 4 context tokens; 3 EOT positions
     whole = torch.cat([shared[:, None].expand(-1, 4, -1, -1), tails.expand(6, -1, -1, -1)], dim=2)  # [6, C, len, d]
     expected = vprompt.TextEncoder(clip)(whole.flatten(0, 1), eot.repeat(6))  # [6 * C, D]
-    got = model.text_encoder(shared, tails, eot)  # [6, C, D]
+    got = shared_prefix_encode(model.text_encoder, shared, tails, eot)  # [6, C, D]
     torch.testing.assert_close(got.flatten(0, 1), expected, rtol=1e-5, atol=1e-5)
-    grad_expected, = torch.autograd.grad(expected.square().sum(), residuals)
+    grad_expected, = torch.autograd.grad(expected.square().sum(), residuals, retain_graph=True)
     grad_got, = torch.autograd.grad(got.square().sum(), residuals)
     torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
-    full = model.text_features(residuals)  # [2, 3, C, D], normalised
+    full = model.text_features(residuals)  # [2, 3, C, D], normalised: the shared-prefix pass (kernels/)
     torch.testing.assert_close(full, F.normalize(expected, dim=-1).view(2, 3, 4, -1), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(vprompt, "kernels", None)  # a copy of vprompt.py without kernels/: the whole prompts
+    torch.testing.assert_close(model.text_features(residuals), full, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- settings

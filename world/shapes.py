@@ -202,6 +202,12 @@ WORLD_COLOUR_ONLY = ("a {c} object.", "a photo of something {c}.")
 WORLD_SHAPE_ONLY = ("a {s}.", "a photo of a {s}.", "a {s} shape.")
 
 
+def world_class_templates():
+    """The captions that name only the colour and the shape, as class-name templates ("a drawing of
+    a {c} {s}." -> "a drawing of a {}."): the world's counterpart of a dataset's prompt templates."""
+    return [t.replace("{c} {s}", "{}") for t in WORLD_CAPTIONS if "{c} {s}" in t and t.count("{") == 2]
+
+
 def world_caption_batch(n, gen, pairs, p_attribute_only=0.3):
     """Sample n images' attributes from `pairs` and one caption each.
 
