@@ -76,6 +76,9 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   save_checkpoint(path, args, epoch, model, optimizer, generator, train, extra);
   restore_checkpoint(saved, model, optimizer, generator) -> epochs done; load_learned(model, learned)
   epoch_bar(args, start); epoch_fit(losses, correct, seen, epoch, lr) -> {loss, acc} (stops on NaN)
+  setup_distributed() -> (rank, world size); share_run(out, device, world_size); peak_memory(device)
+  epoch_batches(n, batch_size, seed, epoch, rank, world_size); SeededItems; IndexedBatches (a whole
+  split in global batches, DDP-split); normalised_encoder(visual); FixedHead(text_features, scale)
   autocast(device); evaluate(model, loader); encode_images(encode, loader, device); ZeroShotCLIP
   print_results(title, rows, columns); result_record(method, args, task, rows, ours, splits,
   test_loss, **more); finish_run(out, record, args, start_time)
@@ -1634,6 +1637,118 @@ def restore_checkpoint(saved, model, optimizer, generator=None) -> int:
         torch.cuda.set_rng_state_all(rng["cuda"])
     print(f"resuming after epoch {saved['epoch']} of {saved['args']['epochs']}")
     return saved["epoch"]
+
+
+# -------------------------------------------------------------------------------- processes
+def setup_distributed():
+    """(rank, world size) as torchrun sets them (WORLD_SIZE, LOCAL_RANK): one process per GPU (nccl),
+    or gloo on CPUs; (0, 1) without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def share_run(out: Path, device, world_size: int):
+    """Under torchrun: rank 0's run folder for every process (whatever each one's clock says) and
+    this process's GPU -> (out, device); unchanged in one process."""
+    if world_size == 1:
+        return out, device
+    import torch.distributed as dist
+    box = [out]
+    dist.broadcast_object_list(box, src=0)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return box[0], device
+
+
+def peak_memory(device) -> dict:
+    """The peak memory: CUDA's allocator peak on a GPU (reset it before training), else the process's
+    peak RSS."""
+    if device.type == "cuda":
+        return dict(peak_memory_mb=round(torch.cuda.max_memory_allocated(device) / 2 ** 20),
+                    peak_memory_of="cuda max_memory_allocated")
+    import resource
+    return dict(peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                peak_memory_of="process peak RSS (CPU)")
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list:
+    """This process's share of every global batch of one epoch, as index lists: one permutation seeded by
+    (seed, epoch), cut into batches of batch_size (the last incomplete one dropped), each split into
+    world_size contiguous shares. Every process, and a resumed run, draws the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order, share = torch.randperm(n, generator=generator).tolist(), batch_size // world_size
+    return [order[b * batch_size + rank * share: b * batch_size + (rank + 1) * share] for b in range(n // batch_size)]
+
+
+class SeededItems(ImageItems):
+    """(image, label) of a list of items; with `augment`, each image's random transform draws from torch's
+    RNG seeded by (seed, epoch, index), whatever process or worker loads it (exact resume, DDP)."""
+
+    def __init__(self, items, open_image, transform, seed: int, augment: bool):
+        super().__init__(items, open_image, transform)
+        self.seed, self.epoch, self.augment = seed, 0, augment
+
+    def __getitem__(self, i):
+        if not self.augment:
+            return super().__getitem__(i)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2 ** 63)
+            return super().__getitem__(i)
+
+
+class IndexedBatches:
+    """A whole training split in global batches (epoch_batches): .epoch(epoch, rank, world_size) yields
+    this process's share of each batch as (images [b, 3, H, W], labels [b], item indices [b]) on `device`.
+    A deterministic transform (augment False) runs once, the images kept in memory ([N, 3, H, W],
+    .images); a random one runs in `workers` loader processes, each image's draw seeded (SeededItems)."""
+
+    def __init__(self, items, open_image, transform, augment: bool, batch_size: int, seed: int,
+                 workers: int, device):
+        self.dataset = SeededItems(items, open_image, transform, seed, augment)
+        self.n, self.batch_size, self.seed, self.workers, self.device = len(items), batch_size, seed, workers, device
+        self.labels = torch.tensor([it.label for it in items])
+        self.images = None if augment else torch.stack([self.dataset[i][0] for i in range(self.n)])
+
+    def epoch(self, epoch: int, rank: int = 0, world_size: int = 1):
+        index_lists = epoch_batches(self.n, self.batch_size, self.seed, epoch, rank, world_size)
+        if self.images is not None:
+            for idx in map(torch.tensor, index_lists):
+                yield self.images[idx].to(self.device), self.labels[idx].to(self.device), idx
+            return
+        self.dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=index_lists, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for (x, y), idx in zip(loader, index_lists):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), torch.tensor(idx)
+
+
+def normalised_encoder(visual):
+    """An image tower, put in eval mode, as an encoder: images -> L2-normalised features [B, D]."""
+    visual.eval()
+    return lambda images: torch.nn.functional.normalize(visual(images).float(), dim=-1)
+
+
+class FixedHead(torch.nn.Module):
+    """Fixed class features [C, D] (normalised here) and logit scale over L2-normalised image features
+    [B, D]: e.g. zero-shot CLIP's prompt features with CLIP's scale."""
+
+    def __init__(self, text_features, logit_scale):
+        super().__init__()
+        self.text_features = torch.nn.Parameter(torch.nn.functional.normalize(text_features.float(), dim=-1),
+                                                requires_grad=False)
+        self.logit_scale = torch.nn.Parameter(logit_scale.detach().clone(), requires_grad=False)
+
+    def class_text_features(self):
+        return self.text_features
+
+    def forward(self, x, text_features=None):
+        text_features = self.text_features if text_features is None else text_features
+        return self.logit_scale.exp() * x @ text_features.t()
 
 
 # -------------------------------------------------------------------------------- the epochs

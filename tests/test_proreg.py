@@ -195,11 +195,11 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
 
 
 def test_global_batches_split_evenly_over_processes():
-    one = proreg.epoch_batches(22, 8, seed=1, epoch=3)
-    two = [proreg.epoch_batches(22, 8, seed=1, epoch=3, rank=r, world_size=2) for r in (0, 1)]
+    one = data.epoch_batches(22, 8, seed=1, epoch=3)
+    two = [data.epoch_batches(22, 8, seed=1, epoch=3, rank=r, world_size=2) for r in (0, 1)]
     assert len(one) == 2 and all(len(b) == 8 for b in one)  # the last incomplete batch is dropped
     assert [a + b for a, b in zip(*two)] == one
-    assert proreg.epoch_batches(22, 8, seed=1, epoch=4) != one  # a new order every epoch
+    assert data.epoch_batches(22, 8, seed=1, epoch=4) != one  # a new order every epoch
 
 
 # ---------------------------------------------------------------------------- runs on a fixture
@@ -452,7 +452,7 @@ def test_training_batches_carry_the_zero_shot_teachers_logits(tmp_path, monkeypa
     args = settings(method=method, batch_size=4, test_batch_size=4, workers=0, seed=1)
     train_set = proreg.TrainingSet(items, benchmark, backbone, zs_text, args, torch.device("cpu"))
     assert (train_set.teacher is None) == (where == "world" or method == "finetune")
-    zero_shot = proreg.Classifier(F.normalize(zs_text, dim=-1), backbone.model.logit_scale)
+    zero_shot = data.FixedHead(F.normalize(zs_text, dim=-1), backbone.model.logit_scale)
     batches = list(train_set.batches(epoch=0, rank=0, world_size=1))
     assert len(batches) == 3
     for x, y, zs_logits in batches:
