@@ -8,7 +8,8 @@ method. Sections, top to bottom:
   3. backbones: open_clip models by name + pretrained tag (QuickGELU for OpenAI weights) or a local file
   4. class names and prompt templates as CoOp uses them
   5. the real datasets of the CoOp protocol (CoOp folder layouts, split_zhou_*.json, torchvision
-     downloads where they work) and the ImageNet variants for domain generalisation
+     downloads where they work) and the ImageNet variants for domain generalisation; 5b. ProReg's
+     benchmarks in their release layouts: DomainNet, PACS, OfficeHome, ImageNet-LT
   6. few-shot sampling, base/new split, transforms, loaders
   7. results: one JSON line per run, and `python data.py table [RUNS_DIR]` (default runs/) for the
      mean +- std table
@@ -29,7 +30,10 @@ API CONTRACT (used by the method files; keep these names and meanings):
       open_image(source) -> PIL.Image in RGB.
       augment: True when the paper's random training augmentation applies (real datasets);
                False for the world (small rendered shapes: a random crop would cut the shape away).
-  load_dataset(name, root, download=False) -> Benchmark
+      groups: {name: list[Item]} subsets of the test set scored in the whole label space (ImageNet-LT's
+              many / medium / few-shot classes); mean_of: shifted sets averaged into a "mean" column.
+  load_dataset(name, root, download=False, train_domain=None, test_domain=None) -> Benchmark
+      (the domains: PACS's held-out domain, OfficeHome's pair; section 5b)
   fewshot(items, shots, seed, cache=None) -> list[Item]
   subsample_classes(items, classnames, which) -> (items relabelled from 0, classnames)
   shift_items(items, classnames) -> items of a shifted test set restricted to `classnames`, relabelled
@@ -137,6 +141,8 @@ class Benchmark:
     shifts: dict = field(default_factory=dict)
     open_image: Callable = None
     augment: bool = True
+    groups: dict = field(default_factory=dict)  # {name: test items of a group of classes}, full label space
+    mean_of: tuple = ()  # shifted sets whose mean accuracy is reported as column "mean"
 
 
 @dataclass
@@ -402,6 +408,10 @@ CUSTOM_TEMPLATES = {
     "ucf101": "a photo of a person doing {}.",
     **{name: "a photo of a {}." for name in ("stanford_cars", "sun397", "caltech101", "imagenet",
                                               "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")},
+    # ProReg's benchmarks (section 5b): the official configs' f"{prompt_template} {class}." (PACS "this
+    # is"); OfficeHome and ImageNet-LT have no official config and take CLIP's plain prompt
+    **{name: "a photo of a {}." for name in ("domain_net", "office_home", "imagenet_lt")},
+    "pacs": "this is {}.",
 }
 
 # OpenAI's 80 ImageNet prompts (CLIP's prompt-engineering notebook; CoOp imagenet_templates.py).
@@ -848,15 +858,21 @@ def _read_dataset(name: str, root: Path):
     return splits
 
 
-def load_dataset(name: str, root, download: bool = False) -> Benchmark:
-    """A benchmark by name: the offline world ('shapes...') or a CoOp dataset under `root`."""
+def load_dataset(name: str, root, download: bool = False, train_domain=None, test_domain=None) -> Benchmark:
+    """A benchmark by name: the offline world ('shapes...'), a CoOp dataset or a ProReg benchmark (5b) under
+    `root`. train_domain / test_domain: the domains of PACS (test) and OfficeHome (both); None: defaults."""
+    domains = {k: v for k, v in (("--train-domain", train_domain), ("--test-domain", test_domain)) if v}
+    require(not domains or name in DOMAIN_DATASETS, f"{' and '.join(domains)} apply to "
+            f"{', '.join(DOMAIN_DATASETS)} only, not {name}: leave them out")
+    if name in SHIFT_DATASETS:
+        return SHIFT_DATASETS[name].load(Path(root).expanduser(), train_domain, test_domain)
     if name == WORLD_BIASED:  # the world's biased-data task (ProReg's benchmark), in a file of its own
         return _world("biased").biased_benchmark(name)
     if name.startswith(WORLD_PREFIX):
         return _world("shapes").world_benchmark(name)
     if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}. Known: {', '.join(DATASETS)}, and the offline "
-                         f"world's '{WORLD_PREFIX}...' benchmarks")
+        raise UsageError(f"unknown dataset {name!r}. Known: {', '.join([*DATASETS, *SHIFT_DATASETS])}, and "
+                         f"the offline world's '{WORLD_PREFIX}...' benchmarks")
     root = Path(root).expanduser()
     spec = DATASETS[name]
     if download and not (root / spec.folder / spec.image_dir).is_dir():
@@ -873,6 +889,128 @@ def load_dataset(name: str, root, download: bool = False) -> Benchmark:
                 labels = [label_of[_wnid(it.source, wnids)] for it in items]
                 shifts[variant] = [Item(it.source, y, classnames[y]) for it, y in zip(items, labels)]
     return Benchmark(name, classnames, train, val, test, CUSTOM_TEMPLATES[name], shifts, open_rgb, augment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5b. ProReg's benchmarks, in the layouts their releases unpack to, read with their published lists.
+# The official code (BeierZhu/ProReg) reads them from .arrow files it built from these lists; which list
+# trains, validates and tests follows its vilt/datasets/*.py.
+def _read_list(path: Path, image_dir: Path, names: Optional[dict] = None, offset: int = 0) -> list:
+    """'<relative path> <label>' per line (DomainNet, PACS: 1-based, offset -1; ImageNet-LT) -> Items
+    named by `names`[label] or by the path's class folder."""
+    items = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rel, label = line.rsplit(maxsplit=1)
+            folder = rel.split("/")[-2]
+            items.append(Item(str(image_dir / rel), int(label) + offset, names[folder] if names else folder))
+    return items
+
+
+def _domain_folders(ds: Path, domain: str) -> list:
+    """OfficeHome: every image of <domain>/<Class>/, labelled in sorted class order, lower-case names."""
+    classes = [c for c in _listdir(ds / domain) if (ds / domain / c).is_dir()]
+    return [Item(str(ds / domain / c / f), label, c.lower()) for label, c in enumerate(classes)
+            for f in _listdir(ds / domain / c)]
+
+
+def _domain_net(ds, train, test):  # vilt/datasets/domain_net_dataset.py
+    read = lambda domain, split: _read_list(ds / f"{domain}_{split}.txt", ds)  # noqa: E731
+    return read("sketch", "train"), read("sketch", "test"), read("sketch", "test"), \
+        {d: read(d, "test") for d in ("clipart", "painting", "real")}, {}
+
+
+def _pacs(ds, train, test):  # vilt/datasets/pacs_dataset.py: leave one domain out
+    lists = ds / "pacs_label" if (ds / "pacs_label").is_dir() else ds
+    read = lambda domain, split: _read_list(lists / f"{domain}_{split}_kfold.txt", ds / "kfold", offset=-1)  # noqa
+    others = [d for d in SHIFT_DATASETS["pacs"].domains if d != test]
+    return ([it for d in others for it in read(d, "train")], [it for d in others for it in read(d, "crossval")],
+            read(test, "test"), {}, {})
+
+
+def _office_home(ds, train, test):  # vilt/datasets/officehome_dataset.py: one domain -> another
+    folder = {d: next((f for f in (d.title(), d.title().replace("_", " ")) if (ds / f).is_dir()), d.title())
+              for d in (train, test)}
+    return _domain_folders(ds, folder[train]), [], _domain_folders(ds, folder[test]), {}, {}
+
+
+def lt_group(n_train: int) -> str:
+    """A class's long-tail group by its training images (Liu et al., CVPR 2019): > 100, 20-100, < 20."""
+    return "many" if n_train > 100 else "few" if n_train < 20 else "medium"
+
+
+def _imagenet_lt(ds, train, test):
+    names, images = _imagenet_classnames(ds.parent / "imagenet"), ds.parent / "imagenet" / "images"
+    train, val, test = (_read_list(ds / f"ImageNet_LT_{s}.txt", images, names) for s in ("train", "val", "test"))
+    counts = defaultdict(int)
+    for item in train:
+        counts[item.label] += 1
+    groups = {g: [it for it in test if lt_group(counts[it.label]) == g] for g in ("many", "medium", "few")}
+    return train, val, test, {}, groups
+
+
+@dataclass(frozen=True)
+class _ShiftSpec:
+    folder: str
+    layout: str
+    source: str
+    reader: Callable  # (dataset dir, train domain, test domain) -> (train, val, test, shifts, groups)
+    domains: tuple = ()
+    default: tuple = (None, None)  # (train domain, test domain)
+    mean_of: tuple = ()
+
+    def load(self, root: Path, train=None, test=None) -> Benchmark:
+        name = next(k for k, v in SHIFT_DATASETS.items() if v is self)
+        train, test = train or self.default[0], test or self.default[1]
+        for flag, domain in (("--train-domain", train), ("--test-domain", test)):
+            require(domain is None or domain in self.domains, f"{flag} {domain!r} is not a domain of {name}: "
+                    f"one of {', '.join(self.domains)}")
+        require(train is None or train != test, f"--train-domain and --test-domain are both {train}: the "
+                "protocol tests on another domain")
+        missing = lambda what: MissingFileError(  # noqa: E731
+            f"{name}: {what}.\nGet it from {self.source}\nExpected layout under {root}:\n{self.layout}")
+        ds = root / self.folder
+        if not ds.is_dir():
+            raise missing(f"{ds} does not exist")
+        try:
+            train_items, val, test_items, shifts, groups = self.reader(ds, train, test)
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            raise missing(f"incomplete folder ({_reason(err)})") from err
+        splits = (train_items, val, test_items, *shifts.values())
+        absent = _absent(splits)
+        if absent or not train_items or not test_items:
+            raise missing(f"{len(absent)} listed images are missing, e.g. {absent[0]}" if absent else
+                          f"no images found under {ds}")
+        return Benchmark(name, _classnames(name, splits), train_items, val, test_items, CUSTOM_TEMPLATES[name],
+                         shifts, open_rgb, augment=True, groups=groups, mean_of=self.mean_of)
+
+
+SHIFT_DATASETS = {
+    "domain_net": _ShiftSpec(
+        "domain_net", "domain_net/\n  sketch/aircraft_carrier/sketch_001_000001.jpg ... (clipart, painting, real "
+        "alike)\n  sketch_train.txt, sketch_test.txt, clipart_test.txt, painting_test.txt, real_test.txt  "
+        "('sketch/aircraft_carrier/sketch_001_000001.jpg 0' per line)",
+        "http://ai.bu.edu/M3SDA/ (the domains' zips and their _train/_test lists; 345 classes)", _domain_net,
+        mean_of=("clipart", "painting", "real")),
+    "pacs": _ShiftSpec(
+        "pacs", "pacs/\n  kfold/art_painting/dog/pic_001.jpg ... (cartoon, photo, sketch alike)\n  pacs_label/"
+        "<domain>_train_kfold.txt, <domain>_crossval_kfold.txt, <domain>_test_kfold.txt for the four domains  "
+        "('art_painting/dog/pic_001.jpg 1' per line, labels from 1)",
+        "https://domaingeneralization.github.io/ (PACS: kfold/ images and the *_kfold.txt lists)", _pacs,
+        domains=("photo", "art_painting", "cartoon", "sketch"), default=(None, "sketch")),
+    "office_home": _ShiftSpec(
+        "office_home", "office_home/  (OfficeHomeDataset_10072016, renamed)\n  Art/Alarm_Clock/00001.jpg ...\n"
+        "  Clipart/, Product/, Real World/ (or Real_World/): the same 65 class folders",
+        "https://www.hemanthdv.org/officeHomeDataset.html", _office_home,
+        domains=("art", "clipart", "product", "real_world"), default=("art", "clipart")),
+    "imagenet_lt": _ShiftSpec(
+        "imagenet_lt", "imagenet_lt/ImageNet_LT_train.txt, ImageNet_LT_val.txt, ImageNet_LT_test.txt  ('train/"
+        "n01440764/n01440764_190.JPEG 0' per line)\nimagenet/images/train/<wnid>/, imagenet/images/val/<wnid>/, "
+        "imagenet/classnames.txt  (the imagenet dataset above)",
+        "https://github.com/zhmiao/OpenLongTailRecognition-OLTR (the lists); ImageNet from https://image-net.org/",
+        _imagenet_lt),
+}
+DOMAIN_DATASETS = ("pacs", "office_home")  # the ones --train-domain / --test-domain apply to
 
 
 # ==================================================================================================
@@ -1388,6 +1526,10 @@ def add_run_flags(parser, *, dataset="shapes", protocol="base2new", shots=16, sh
     a("--evaluate", default=None, metavar="RUN_DIR",
       help="re-evaluate a finished run with its saved settings, without training; writes RUN_DIR/eval.json")
     a("--device", default=None, help="torch device; default cuda if available, else cpu")
+    a("--train-domain", default=None, help="office_home: the domain trained on (art, clipart, product, "
+      "real_world; default art)")
+    a("--test-domain", default=None, help="pacs: the held-out domain (photo, art_painting, cartoon, sketch; "
+      "default sketch); office_home: the domain tested on (default clipart)")
 
 
 def resolve_run_args(args) -> None:
@@ -1530,7 +1672,7 @@ class Task:
 def load_task(args, device) -> Task:
     """Read the benchmark, every --eval-datasets target (a missing one stops the run here, before
     training) and the backbone."""
-    benchmark = load_dataset(args.dataset, args.root, download=args.download)
+    benchmark = load_dataset(args.dataset, args.root, args.download, args.train_domain, args.test_domain)
     targets = {name: load_dataset(name, args.root, download=args.download) for name in eval_datasets(args)}
     backbone = load_backbone(args.model, args.pretrained, device)
     train_classes = PROTOCOLS[args.protocol]
@@ -1550,18 +1692,20 @@ def training_items(task: Task, args, cache) -> list:
 def evaluation_sets(task: Task, protocol: str) -> dict:
     """{split: (items, classnames, benchmark they come from)}, each split in the label space it is tested
     in. base2new: the base and new halves, and the shifted sets restricted to the base classes. all,
-    cross: the whole test set, and each shifted set in its own label space (the classes it holds). Then
-    the other datasets (targets), each on its whole test set with all its classes."""
+    cross: the whole test set, each shifted set in its own label space (the classes it holds) and each
+    group of classes (benchmark.groups) in the whole one. Then the other datasets (targets), each on its
+    whole test set with all its classes."""
     benchmark = task.benchmark
     if protocol == "base2new":
         splits = {half: (*subsample_classes(benchmark.test, benchmark.classnames, half), benchmark)
                   for half in ("base", "new")}
         splits.update({name: (shift_items(items, task.train_names), task.train_names, benchmark)
-                       for name, items in benchmark.shifts.items()})
+                       for name, items in {**benchmark.shifts, **benchmark.groups}.items()})
     else:
         splits = {"all": (benchmark.test, benchmark.classnames, benchmark)}
         splits.update({name: (*own_classes(items, benchmark.classnames), benchmark)
                        for name, items in benchmark.shifts.items()})
+        splits.update({name: (items, benchmark.classnames, benchmark) for name, items in benchmark.groups.items()})
     splits.update({name: (target.test, target.classnames, target) for name, target in task.targets.items()})
     return splits
 
@@ -1884,18 +2028,21 @@ def result_record(method: str, args, task: Task, rows: dict, ours: str, splits: 
     """The record of a run (results.json, one line of results.jsonl): the accuracies of rows[ours] per
     protocol column, the zero-shot row, each split's class count and test loss, and the args. Adds the
     harmonic mean to every row that has base and new, and prints the table."""
+    benchmark, backbone = task.benchmark, task.backbone
     for row in rows.values():
         row["hm"] = harmonic_mean(row["base"], row["new"]) if "new" in row else None
-    benchmark, backbone = task.benchmark, task.backbone
+        if benchmark.mean_of and all(s in row for s in benchmark.mean_of):  # e.g. DomainNet's test domains
+            row["mean"] = statistics.fmean(row[s] for s in benchmark.mean_of)
+    extra = [*benchmark.shifts, *benchmark.groups, *(["mean"] if benchmark.mean_of else [])]
     head = ["base", "new", "hm"] if args.protocol == "base2new" else ["all"]
     shots = f"{args.shots} shots" if args.shots else "all shots"
     print_results(f"{args.dataset} ({args.protocol}), {shots}, seed {args.seed}, epoch {args.epochs}, "
-                  f"{backbone.name}/{backbone.pretrained}", rows, [*head, *benchmark.shifts, *task.targets])
+                  f"{backbone.name}/{backbone.pretrained}", rows, [*head, *extra, *task.targets])
     row = rows[ours]
     return dict(method=method, protocol=args.protocol, dataset=args.dataset, backbone=backbone.name,
                 pretrained=backbone.pretrained, shots=args.shots, seed=args.seed, epoch=args.epochs,
                 base=row.get("base"), new=row.get("new"), hm=row["hm"], all=row.get("all"),
-                shifts={s: row[s] for s in benchmark.shifts if s in row},
+                shifts={s: row[s] for s in extra if s in row},
                 transfer={t: row[t] for t in task.targets if t in row}, zero_shot=rows["zero-shot CLIP"],
                 test_loss=test_loss, classes={split: len(names) for split, (_, names, _) in splits.items()},
                 **more, args=vars(args))

@@ -167,7 +167,7 @@ def test_class_name_rules():
     assert data.cars_name("AM General Hummer SUV 2000") == "2000 AM General Hummer SUV"
     assert len(data.IMAGENET_TEMPLATES) == 80 and len(set(data.IMAGENET_TEMPLATES)) == 80
     assert data.IMAGENET_TEMPLATES[60] == "a jpeg corrupted photo of the {}."  # PromptSRC keeps the first 60
-    assert set(data.CUSTOM_TEMPLATES) == set(data.DATASETS)
+    assert set(data.CUSTOM_TEMPLATES) == set(data.DATASETS) | set(data.SHIFT_DATASETS)
 
 
 # ------------------------------------------------------------------------------------------------
