@@ -44,6 +44,7 @@ API CONTRACT (used by the method files; keep these names and meanings):
   load_backbone(model, pretrained, device) -> Backbone
   default_backbone(dataset) -> (model, pretrained)   # ('tiny', 'shapes') for the world
   WORLD_PREFIX = "shapes"                # a dataset name starting with it is the offline world's
+  RandAugmentPort(n, m): RandAugment as ProReg's official port behaves (RANDAUGMENT_OPS)
   make_loader(items, benchmark, backbone, train, batch_size, seed, workers) -> DataLoader of
       (images [B, 3, H, W] float normalised, labels [B] long) on the CPU, decoded in every pass
   train_batches(items, benchmark, backbone, batch_size, seed, workers, device, memory_limit=4 GiB)
@@ -83,6 +84,8 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   setup_distributed() -> (rank, world size); share_run(out, device, world_size); peak_memory(device)
   epoch_batches(n, batch_size, seed, epoch, rank, world_size); SeededItems; IndexedBatches (a whole
   split in global batches, DDP-split); normalised_encoder(visual); FixedHead(text_features, scale)
+  AdamWHF (transformers' AdamW); set_lr; warmup_linear; trainable_encoder;
+  validation_loader(task, args); keep_best(out, model, acc, at, best); select_model(model, out, best)
   autocast(device); evaluate(model, loader); encode_images(encode, loader, device); ZeroShotCLIP
   print_results(title, rows, columns); result_record(method, args, task, rows, ours, splits,
   test_loss, **more); finish_run(out, record, args, start_time)
@@ -115,7 +118,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from tqdm import tqdm
 
 # ==================================================================================================
@@ -1164,6 +1167,53 @@ def make_loader(items, benchmark: Benchmark, backbone: Backbone, train: bool, ba
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
+def _signed(v: float) -> float:  # the port's random sign: -v with probability 1/2 (torch's RNG)
+    return -v if torch.rand(()).item() > 0.5 else v
+
+
+def _affine(coefficients):
+    return lambda img, v: img.transform(img.size, Image.Transform.AFFINE, coefficients(_signed(v)))
+
+
+def _solarize_add(img, v):  # add v to every channel (clipped), then solarize at 128
+    return ImageOps.solarize(Image.fromarray(np.clip(np.asarray(img, np.int64) + v, 0, 255).astype(np.uint8)), 128)
+
+
+# (name, op(image, v), min, max): the official port's 14 ops and ranges, in its order
+RANDAUGMENT_OPS = [
+    ("AutoContrast", lambda img, v: ImageOps.autocontrast(img), 0, 1),
+    ("Equalize", lambda img, v: ImageOps.equalize(img), 0, 1),
+    ("Rotate", lambda img, v: img.rotate(_signed(v)), 0, 30),
+    ("Posterize", lambda img, v: ImageOps.posterize(img, max(1, int(v))), 0, 4),
+    ("Solarize", lambda img, v: ImageOps.solarize(img, v), 0, 256),
+    ("SolarizeAdd", _solarize_add, 0, 110),
+    *((kind, lambda img, v, kind=kind: getattr(ImageEnhance, kind)(img).enhance(v), 0.1, 1.9)
+      for kind in ("Color", "Contrast", "Brightness", "Sharpness")),
+    ("ShearX", _affine(lambda v: (1, v, 0, 0, 1, 0)), 0.0, 0.3),
+    ("ShearY", _affine(lambda v: (1, 0, 0, v, 1, 0)), 0.0, 0.3),
+    ("TranslateXabs", _affine(lambda v: (1, 0, v, 0, 1, 0)), 0.0, 100),
+    ("TranslateYabs", _affine(lambda v: (1, 0, 0, 0, 1, v)), 0.0, 100),
+]
+
+
+class RandAugmentPort:
+    """RandAugment(n, m) as ProReg's official code runs it (its vilt/transforms/randaug.py, a port of
+    rpmcruz/autoaugment), not torchvision's: n ops drawn with replacement from RANDAUGMENT_OPS, each at
+    v = m / 30 * (max - min) + min; rotations, shears and translations with a random sign; PIL's defaults
+    (nearest, black fill). At m = 9: posterize to 1 bit (int(1.2)), solarize at 76.8, SolarizeAdd +33
+    (where torchvision has Identity), one enhance factor 0.64, rotate 9 degrees, shear 0.09, translate
+    30 px. Draws come from torch's global RNG (SeededItems seeds it per image), not Python's random."""
+
+    def __init__(self, n: int = 2, m: int = 9):
+        self.n, self.m = n, m
+
+    def __call__(self, img):
+        for k in torch.randint(len(RANDAUGMENT_OPS), (self.n,)).tolist():
+            _, op, lo, hi = RANDAUGMENT_OPS[k]
+            img = op(img, self.m / 30 * (hi - lo) + lo)
+        return img
+
+
 # Training batches from images decoded once. The few-shot sets are small (16 shots x 50 classes
 # of Caltech101's ~300x200 images: 144 MB as uint8), so decoding them every epoch, as a DataLoader
 # does, is the wasted work; the crop, resize, flip and normalisation run as tensor ops on the
@@ -1893,6 +1943,90 @@ class FixedHead(torch.nn.Module):
     def forward(self, x, text_features=None):
         text_features = self.text_features if text_features is None else text_features
         return self.logit_scale.exp() * x @ text_features.t()
+
+
+def warmup_linear(step: int, total: int, warmup: float) -> float:
+    """transformers' polynomial schedule with power 1 and end lr 0 (get_polynomial_decay_schedule_with_warmup),
+    per step: linear warm-up from 0 over int(warmup * total) steps, then linear decay to 0 at total."""
+    warm = int(warmup * total)
+    if step < warm:
+        return step / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def trainable_encoder(visual):
+    """CLIP's image tower, to be trained in place (no copy); a pretraining patch dropout (the world's tiny
+    CLIP: 0.5, active in train mode only) is switched off, so that fine-tuning sees every patch."""
+    if not isinstance(getattr(visual, "patch_dropout", torch.nn.Identity()), torch.nn.Identity):
+        visual.patch_dropout = torch.nn.Identity()
+    return visual.requires_grad_(True)
+
+
+def set_lr(optimizer, factor: float, tensors: bool = False):
+    """Every group's lr = its base_lr x factor; a tensor lr (or, with tensors=True, a new one on the group's
+    device) is filled in place, where a captured CUDA-graph step reads it. Returns the optimizer."""
+    for g in optimizer.param_groups:
+        lr = g["base_lr"] * factor
+        if tensors and not torch.is_tensor(g["lr"]):
+            g["lr"] = torch.tensor(lr, device=g["params"][0].device)
+        g["lr"] = g["lr"].fill_(lr) if torch.is_tensor(g["lr"]) else lr
+    return optimizer
+
+
+class AdamWHF(torch.optim.Optimizer):
+    """AdamW as the transformers library computes it (transformers.optimization.AdamW with correct_bias,
+    the optimiser of ViLT-based code such as ProReg's): eps is added to sqrt(v) before the bias correction,
+    which scales the step, and the decay is applied after the update, to the updated weights:
+        p <- p - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps);   p <- p (1 - lr wd)
+    torch.optim.AdamW decays first and adds eps to the bias-corrected sqrt(v). The lr may be a tensor and
+    the step count is one (float64): no host sync, so a CUDA graph can capture the update."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, capturable=True))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            (b1, b2), lr, eps, wd = g["betas"], g["lr"], g["eps"], g["weight_decay"]
+            for p in (p for p in g["params"] if p.grad is not None):
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.zeros((), dtype=torch.float64, device=p.device),
+                                 exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                step_size = lr * (1 - b2 ** state["step"]).sqrt() / (1 - b1 ** state["step"])
+                p.sub_(m / (v.sqrt() + eps) * step_size)
+                if wd > 0:
+                    p.mul_(1 - lr * wd)
+
+
+# -------------------------------------------------------------------------------- model selection
+def validation_loader(task, args):
+    """The fixed-order batches of the benchmark's validation items in the training classes' label space
+    (one loader, iterated at every validation: its workers persist); None without a validation split."""
+    items = subsample_classes(task.benchmark.val, task.benchmark.classnames, task.train_classes)[0]
+    return split_loader((items, task.train_names, task.benchmark), task.backbone, args) if items else None
+
+
+def keep_best(out: Path, model, acc: float, at: float, best: Optional[dict]) -> dict:
+    """Model selection on validation accuracy: when `acc` beats best["acc"] (or there is none yet) the
+    learned tensors go atomically to out/best.pt and the result is {acc, at} (`at`: the epoch, e.g. 7.5)."""
+    if best is not None and acc <= best["acc"]:
+        return best
+    atomic_save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, out / "best.pt")
+    return {"acc": acc, "at": at}
+
+
+def select_model(model, out: Path, best: Optional[dict]) -> dict:
+    """The model a run tests: the best validation (out/best.pt, loaded into `model`) where there was one,
+    else the last epoch; returns what the record says of it."""
+    if not best:
+        return {"by": "last epoch"}
+    load_learned(model, load_checkpoint(out / "best.pt"))
+    return {"by": "validation", "epoch": best["at"], "val_acc": best["acc"]}
 
 
 # -------------------------------------------------------------------------------- the epochs

@@ -3,39 +3,41 @@
 ProReg Zhu, Niu, Lee, Hur, Zhang. "Debiased Fine-Tuning for Vision-language Models by Prompt
        Regularization." AAAI 2023. https://arxiv.org/abs/2301.12429 (code: BeierZhu/ProReg)
 
-Fine-tuning CLIP on a biased training set (each class mostly in one context) learns the bias. ProReg
-fine-tunes the whole image encoder with a head initialised from the zero-shot prompt features and a
-trainable logit scale, regularised per sample by the frozen model's prompt prediction, which knows
-nothing of the task's bias, with a weight that moves towards it where the zero-shot prediction is
-confident about the true class:
+Fine-tuning CLIP on a biased training set learns the bias. ProReg fine-tunes the image encoder with
+a head initialised from the zero-shot prompt features and a trainable logit scale, regularised per
+sample by the frozen model's prompt prediction (which knows nothing of the task's bias), weighted
+towards it where that prediction is confident about the true class:
     w = stopgrad( p_zs(y|x)^10 / (p_ft(y|x) + p_zs(y|x)^10 + 1e-5) )     (official losses.py: xERM)
     L = mean_i (1 - w_i) CE(z_ft_i, y_i)  +  alpha * mean_i w_i KL(p_zs_i || p_ft_i)
 
   python proreg.py                                    # offline world, biased task (shapes_biased)
-  python proreg.py --method finetune                  # baselines: finetune fixed ensemble zeroshot
-  python proreg.py --dataset caltech101 --root ~/data # ViT-B/16 openai, the whole training split
-  torchrun --nproc_per_node 4 proreg.py --dataset caltech101 --root ~/data  # 4 GPUs, same batch
-  python proreg.py --resume runs/proreg-...           # continue a killed run (--evaluate: re-test)
+  python proreg.py --dataset domain_net --root ~/data # sketch -> clipart, painting, real (the paper)
+  python proreg.py --dataset pacs --test-domain photo # also office_home, imagenet_lt, caltech101...
+  torchrun --nproc_per_node 4 proreg.py --dataset domain_net  # 4 GPUs, the same global batch
 
 --method: proreg; finetune (CE, the same head: official prompt_finetune); fixed ((1 - a) CE + a KL:
-knowledge_distill); ensemble (finetune, then (1 - a) z_ft + a z_zs: ensemble_test); zeroshot. Every
-run also records zero-shot CLIP and its own output ensemble; classes not trained on (--protocol
-base2new, cross) are scored with their prompt features and the fine-tuned encoder.
+knowledge_distill); ensemble (finetune, then (1 - a) z_ft + a z_zs: ensemble_test); promptless (a
+new MLP head: promptless_finetune); linear_probe (the head alone); zeroshot. Each run also records
+zero-shot CLIP and its own output ensemble. As the official code: transformers' AdamW and schedule,
+its RandAugment, validation every half epoch with the best checkpoint tested (--select), and the
+configs' settings (SETTINGS: ViT-B/32, lr, alpha per benchmark; templates: data.CUSTOM_TEMPLATES);
+the CoOp datasets, which ProReg never ran, take DomainNet's.
 
 Differs from the official code (BeierZhu/ProReg, a ViLT/Lightning scaffold around OpenAI's clip) in:
 - open_clip (QuickGELU for `openai` weights); bf16 autocast on CUDA, fp32 weights (official: fp16).
 - the teacher: where the training transform is deterministic (the world) its logits of every
   training image are computed once before training; with random augmentation a frozen copy of the
   image encoder scores each batch, only for the objectives that read it (proreg, fixed).
-- --weight xerm offers the form left commented out in losses.py, CE_ft / (CE_ft + CE_zs + 1e-5).
+- the "KL" term is the official soft-target cross-entropy (KL plus the teacher's entropy: the same
+  gradient); --weight xerm is the form commented out in losses.py with gamma 1: the configs' gamma
+  (BAR 2, NICO-vehicle 0.5) is not offered (the active form ignores it).
 - weight decay spares every LayerNorm parameter (official no_decay names miss CLIP's 'ln_1.weight').
-- RandAugment is torchvision's RandAugment(2, 9), not the official port; each image's draw is seeded
-  by (seed, epoch, index). The offline world is not augmented (data.Benchmark.augment).
-- one seeded permutation per epoch, cut into batches of --batch-size (the last incomplete one
-  dropped, as Dassl does), split evenly over processes and accumulation steps.
-- the last epoch is evaluated (the official code keeps the best validation checkpoint).
-- alpha: the CoOp datasets have no official config; they take 2 (DomainNet's, PACS's).
-- the world: batch 32 (576 training images); its tiny CLIP's patch dropout is off for fine-tuning.
+- RandAugment (data.RandAugmentPort) behaves as the official port but its draws are seeded by
+  (seed, epoch, image index), not Python's per-worker random. The world is not augmented.
+- one seeded permutation per epoch, cut into batches of --batch-size and split evenly over processes
+  and accumulation steps; the last incomplete batch is dropped (the official loader keeps it).
+- seed: --seed 1 by default (the official config: 0); the world: batch 32 (576 training images), its
+  tiny CLIP's patch dropout off. linear_probe: see SETTINGS (the official config does not run).
 """
 import argparse
 import contextlib
@@ -57,7 +59,7 @@ try:  # kernels/ beside this file: the fused Triton loss and the captured CUDA-g
 except ImportError:  # a copy of this file alone: the readable loss and the eager step run
     kernels = None
 
-METHODS = ("proreg", "finetune", "fixed", "ensemble", "zeroshot")
+METHODS = ("proreg", "finetune", "fixed", "ensemble", "promptless", "linear_probe", "zeroshot")
 
 
 # --------------------------------------------------------------------------------------- the method
@@ -66,30 +68,51 @@ class FineTunedCLIP(nn.Module):
     zero-shot prompt features (trained, L2-normalised in the forward pass), and the logit scale
     (trained). logits = exp(logit_scale) * cos(f_theta(x), t_c): at step 0, zero-shot CLIP's."""
 
-    def __init__(self, clip, class_embeddings):
+    def __init__(self, clip, class_embeddings, train_encoder=True):  # False: linear_probe
         super().__init__()
-        if not isinstance(getattr(clip.visual, "patch_dropout", nn.Identity()), nn.Identity):
-            # the world's tiny CLIP pretrained with patch dropout: fine-tuning sees every patch
-            clip.visual.patch_dropout = nn.Identity()
-        self.visual = clip.visual.requires_grad_(True)  # the same module: no copy of the weights
+        self.visual = data.trainable_encoder(clip.visual) if train_encoder else clip.visual
         self.class_embeddings = nn.Parameter(class_embeddings.clone())  # [C, D]
-        self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone())  # log 100 (OpenAI CLIP)
+        self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone(), train_encoder)  # log 100
+
+    def encode(self, images):
+        return F.normalize(self.visual(images).float(), dim=-1)
 
     def class_text_features(self):
         return F.normalize(self.class_embeddings.float(), dim=-1)  # [C, D]
 
     def forward(self, x, text_features=None):
         """x: images [B, 3, H, W], or their L2-normalised features [B, D] (evaluation)."""
-        image_features = x if x.dim() == 2 else F.normalize(self.visual(x).float(), dim=-1)
+        image_features = x if x.dim() == 2 else self.encode(x)
         text_features = self.class_text_features() if text_features is None else text_features
         return self.logit_scale.exp() * image_features @ text_features.t()  # [B, C]
 
 
+class PromptlessCLIP(nn.Module):
+    """The `promptless` baseline (official promptless_finetune): the image encoder (trained) and a
+    new head on its unnormalised features, Linear(D, 2D) (512 -> 1024 for ViT-B/32), LayerNorm,
+    GELU, Linear(2D, C), weights N(0, 0.02), zero biases: no prompt, no logit scale."""
+
+    def __init__(self, clip, n_classes):
+        super().__init__()
+        self.visual, d = data.trainable_encoder(clip.visual), clip.visual.output_dim
+        self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(),
+                                  nn.Linear(2 * d, n_classes))
+        for linear in self.head[::3]:
+            nn.init.normal_(linear.weight, std=0.02), nn.init.zeros_(linear.bias)
+        self.class_text_features = lambda: None
+
+    def encode(self, images):
+        return self.visual(images).float()
+
+    def forward(self, x, text_features=None):
+        return self.head(x if x.dim() == 2 else self.encode(x))
+
+
 @torch.no_grad()
 def prompt_features(clip, tokenize, classnames, template):
-    """Zero-shot prompt features of the classes, "a photo of a {class}." through the frozen text
-    tower, not normalised (the official head starts from these) -> [C, D]."""
-    ids = tokenize([template.format(c.replace("_", " ")) for c in classnames]).to(clip.logit_scale.device)
+    """The classes' prompts through the frozen text tower, not normalised (the head's start) [C, D]."""
+    ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
+    ids = ids.to(clip.logit_scale.device)
     cut = int(ids.argmax(-1).max()) + 1  # positions after the last EOT never reach a feature
     return TextEncoder(clip)(clip.token_embedding(ids[:, :cut]), ids.argmax(-1)).float()
 
@@ -116,7 +139,7 @@ def proreg_terms(logits, zs_logits, labels, form="code"):
 def objective(logits, zs_logits, labels, args, use_kernel):
     """The training loss of --method on fp32 logits [B, C] (student) and zs_logits [B, C] (teacher).
     The fused kernels skip their label check (a host sync, not allowed in a CUDA graph)."""
-    if args.method in ("finetune", "ensemble"):  # CE only (official prompt_finetune)
+    if args.method not in ("proreg", "fixed"):  # CE only (official prompt_finetune, promptless...)
         return F.cross_entropy(logits, labels)
     if args.method == "fixed":  # (1 - a) CE + a KL, one global a (official knowledge_distill)
         if use_kernel:
@@ -151,36 +174,18 @@ def train_step(model, optimizer, x, y, zs_logits, args, use_kernel):
 
 
 def adamw(model, args, device):
-    """The official set_schedule: AdamW (0.9, 0.98), eps 1e-8, the head (class embeddings, logit
-    scale) at lr x head_lr_mult, weight decay but on biases and norms; CUDA: tensor lrs, fused."""
+    """The official set_schedule: transformers' AdamW (data.AdamWHF), betas (0.9, 0.98), eps 1e-8,
+    the head at lr x head_lr_mult, no weight decay on biases and the encoder's norms; its schedule:
+    linear warm-up over --warmup of the steps, then linear decay to 0 (data.warmup_linear)."""
     groups = {}
-    for name, p in model.named_parameters():
+    for name, p in filter(lambda named: named[1].requires_grad, model.named_parameters()):
         head = not name.startswith("visual.")
-        decay = head or p.ndim >= 2 or name.endswith(("class_embedding", "positional_embedding"))
-        groups.setdefault((head, decay), []).append(p)
-    cuda = device.type == "cuda"
-    param_groups = [dict(params=ps, weight_decay=args.weight_decay if decay else 0.0,
-                         base_lr=args.lr * (args.head_lr_mult if head else 1.0))
-                    for (head, decay), ps in groups.items()]
-    for g in param_groups:
-        g["lr"] = torch.tensor(g["base_lr"], device=device) if cuda else g["base_lr"]
-    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
-                             fused=cuda, capturable=cuda)
-
-
-def lr_factor(step, total, warmup):
-    """transformers' polynomial schedule with power 1 and end lr 0 (official set_schedule), per
-    step: linear warm-up from 0 over int(warmup * total) steps, then linear decay to 0 at total."""
-    warm = int(warmup * total)
-    if step < warm:
-        return step / warm
-    return max(0.0, (total - step) / max(1, total - warm))
-
-
-def set_lr(optimizer, factor):  # a tensor lr (CUDA) is filled in place: a captured step reads it
-    for g in optimizer.param_groups:
-        lr = g["base_lr"] * factor
-        g["lr"] = g["lr"].fill_(lr) if torch.is_tensor(g["lr"]) else lr
+        matrix = p.ndim >= 2 or name.endswith(("class_embedding", "positional_embedding"))
+        groups.setdefault((head, not name.endswith("bias") if head else matrix), []).append(p)
+    optimizer = data.AdamWHF([dict(params=ps, weight_decay=args.weight_decay * decay, lr=args.lr,
+                                   base_lr=args.lr * (args.head_lr_mult if head else 1.0))
+                              for (head, decay), ps in groups.items()], args.lr, (0.9, 0.98), 1e-8)
+    return data.set_lr(optimizer, 1.0, tensors=device.type == "cuda")  # CUDA: a captured step reads them
 
 
 # ==== shared block: text encoder (identical in every method file) ====
@@ -213,13 +218,16 @@ class TextEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- settings
-# Paper defaults (vilt/config.py, the xERM configs), then per-dataset ones; a given flag wins.
+# Paper defaults (vilt/config.py, configs), then per benchmark and per method; a given flag wins.
 PAPER = dict(epochs=10, batch_size=256, lr=1e-5, head_lr_mult=100.0, weight_decay=0.01, warmup=0.1,
-             alpha=2.0, fixed_alpha=0.5, ensemble_alpha=0.5)
-DATASET_SETTINGS = {
-    # the world: 576 training images; at batch 256 ten epochs are 20 steps, too few at lr 1e-5
-    "shapes": dict(batch_size=32),
-}
+             alpha=2.0, fixed_alpha=0.5, ensemble_alpha=0.5, model="ViT-B-32", pretrained="openai")
+SETTINGS = {
+    "shapes": dict(batch_size=32, model=None, pretrained=None),  # the world's tiny CLIP, 576 images
+    "imagenet_lt": dict(lr=1e-4, head_lr_mult=10.0),  # task_finetune_imagenetLT (alpha: no config)
+    # config/nico_animal/linear_probe: lr 2e-3, here on the head alone (the official code has no
+    # linear_probe branch in its forward, and would multiply a head's lr by lr_mult 100)
+    "linear_probe": dict(lr=2e-3, head_lr_mult=1.0),
+}  # BAR's and NICO's configs (alpha 1; 2 / 1.5, ...): README (their data are not read here)
 
 
 def parse_args(argv=None):
@@ -239,6 +247,8 @@ def parse_args(argv=None):
     a("--head-lr-mult", type=float, help="lr multiplier of the head and logit scale (paper: 100)")
     a("--weight-decay", type=float, help="AdamW weight decay, not on biases, norms (paper: 0.01)")
     a("--warmup", type=float, help="fraction of steps warming up, then linear decay (paper: 0.1)")
+    a("--select", default="val", choices=["val", "last"], help="the model tested: the best "
+      "validation (every half epoch, where there is a validation split: official) or the last")
     a("--loss-impl", default="auto", choices=["auto", "kernel", "torch"], help="the fused Triton "
       "loss (kernels/) or PyTorch's; auto: the kernel where kernels.kernel_available(device)")
     data.add_run_flags(p, dataset="shapes_biased", protocol="all", shots=0,
@@ -249,10 +259,12 @@ def parse_args(argv=None):
 
 
 def resolve_settings(args):
-    """Fill the settings left at None: command line > DATASET_SETTINGS > paper default; check."""
+    """Fill the settings left at None: command line > method > benchmark > paper default; check."""
     dataset = "shapes" if args.dataset.startswith(data.WORLD_PREFIX) else args.dataset
-    for key, value in {**PAPER, **DATASET_SETTINGS.get(dataset, {})}.items():
-        if getattr(args, key) is None:
+    given = args.model is not None
+    settings = {**PAPER, **SETTINGS.get(dataset, {}), **SETTINGS.get(args.method, {})}
+    for key, value in settings.items():
+        if getattr(args, key) is None and not (given and key == "pretrained"):
             setattr(args, key, value)
     if args.method == "zeroshot":
         args.epochs = 0  # nothing is trained: the initial model is zero-shot CLIP
@@ -271,8 +283,11 @@ def check_settings(args):
     data.check_warmup("--warmup", args.warmup, None)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     share = world_size * args.grad_accum
-    data.require(args.batch_size % share == 0, f"--batch-size {args.batch_size} does not split into "
-                 f"{world_size} processes x --grad-accum {args.grad_accum}: use a multiple of {share}")
+    data.require(args.batch_size % share == 0, f"--batch-size {args.batch_size} does not split "
+                 f"into {world_size} processes x --grad-accum {args.grad_accum}: use a multiple of "
+                 f"{share}")
+    data.require(args.method != "promptless" or args.protocol == "all", "--method promptless has a "
+                 "head for the training classes only: use --protocol all")
     data.require(args.loss_impl != "kernel" or args.weight == "code" or args.method != "proreg",
                  "--loss-impl kernel computes the official weight only: use --weight code or "
                  "--loss-impl torch")
@@ -294,22 +309,25 @@ def main(args):
 
     # the head's start and the teacher's classes (prompt features); every test set's frozen features
     task = data.load_task(args, device)
-    clip, tokenize = task.backbone.model, task.backbone.tokenize
-    zs_text = prompt_features(clip, tokenize, task.train_names, task.benchmark.template)  # [C, D]
+    clip = task.backbone.model
+    zs_text = prompt_features(clip, task.backbone.tokenize, task.train_names, task.benchmark.template)
     splits = data.evaluation_sets(task, args.protocol)
     frozen = zero_shot_features(splits, task.backbone, args, device) if rank == 0 else None
-    model = FineTunedCLIP(clip, zs_text).to(device)  # the same encoder, the prompt-initialised head
+    model = (PromptlessCLIP(clip, len(task.train_names)) if args.method == "promptless" else
+             FineTunedCLIP(clip, zs_text, args.method != "linear_probe")).to(device)  # same encoder
     if args.evaluate:
         data.load_learned(model, saved["learned"])
-        return data.finish_run(out, evaluate_run(model, frozen, splits, task, args, device), args,
-                               start_time)
+        selected = data.select_model(model, out, (saved["extra"] or {}).get("best"))
+        return data.finish_run(out, evaluate_run(model, frozen, splits, task, args, device,
+                                                 selected=selected), args, start_time)
     if rank == 0:
         data.make_run_folder(out, args, saved)
-    optimizer = adamw(model, args, device)
+    optimizer, best = adamw(model, args, device), None
     if args.epochs:
         items = data.training_items(task, args, cache=out / "fewshot.json" if rank == 0 else None)
         train_set = TrainingSet(items, task.benchmark, task.backbone, zs_text, args, device)
-        fine_tune(model, optimizer, train_set, saved, out, args, device, rank, world_size, say)
+        best = fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
+                         world_size, say)
     elif rank == 0:  # zeroshot: nothing is trained, the initial model is the result
         data.save_checkpoint(out / "checkpoint.pt", args, 0, model, optimizer)
     memory = data.peak_memory(device)
@@ -318,20 +336,23 @@ def main(args):
         torch.distributed.destroy_process_group()
     if rank == 0:
         record = evaluate_run(model, frozen, splits, task, args, device, processes=world_size,
-                              **memory)
+                              selected=data.select_model(model, out, best), **memory)
         return data.finish_run(out, record, args, start_time)
 
 
-def fine_tune(model, optimizer, train_set, saved, out, args, device, rank, world_size, say):
-    """The epochs (from the last saved one), the lr set per step; a checkpoint after each epoch. DDP
-    averages the processes' gradients; on one GPU the step is replayed as a CUDA graph."""
+def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank, world_size, say):
+    """The epochs (from the last saved one), the lr set per step, validation every half epoch (the
+    best kept: data.keep_best), a checkpoint after each epoch -> the best validation (None: none).
+    DDP averages the processes' gradients; on one GPU the step is replayed as a CUDA graph."""
     steps = train_set.n // args.batch_size  # an epoch's
-    data.require(steps > 0, f"--batch-size {args.batch_size} exceeds the {train_set.n} images: lower it")
+    data.require(steps > 0, f"--batch-size {args.batch_size} > {train_set.n} images: lower it")
     use_kernel = args.loss_impl == "kernel" or (args.loss_impl == "auto" and args.weight == "code"
                                                 and kernels and kernels.kernel_available(device))
     say(f"fine-tuning {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters "
-        f"on {train_set.n} images, {steps} steps an epoch, loss {'fused' if use_kernel else 'torch'}")
+        f"on {train_set.n} images, {steps} steps an epoch, {'fused' if use_kernel else 'torch'} loss")
     start_epoch = data.restore_checkpoint(saved, model, optimizer)
+    best = (saved["extra"] or {}).get("best") if saved else None
+    val = data.validation_loader(task, args) if args.select == "val" and rank == 0 else None
     if args.checkpointing:
         model.visual.set_grad_checkpointing(True)
     net = model if world_size == 1 else DistributedDataParallel(
@@ -342,17 +363,24 @@ def fine_tune(model, optimizer, train_set, saved, out, args, device, rank, world
         step = kernels.CapturedStep(step_fn, model, optimizer)  # the same step, as a CUDA graph
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for epoch in data.epoch_bar(args, start_epoch) if rank == 0 else range(start_epoch, args.epochs):
+    epochs = data.epoch_bar(args, start_epoch) if rank == 0 else range(start_epoch, args.epochs)
+    for epoch in epochs:
         net.train()
         losses, correct, seen, started = [], 0, 0, time.time()
         for i, (x, y, zs_logits) in enumerate(train_set.batches(epoch, rank, world_size)):
-            set_lr(optimizer, lr_factor(epoch * steps + i, args.epochs * steps, args.warmup))
+            data.set_lr(optimizer, data.warmup_linear(epoch * steps + i, args.epochs * steps, args.warmup))
             loss, n_correct = step(x, y, zs_logits)
             losses.append(loss)
             correct, seen = correct + n_correct, seen + len(y)
+            if val and i + 1 in (steps // 2, steps):  # official val_check_interval 0.5
+                acc = data.evaluate(model, val)["acc"]
+                best = data.keep_best(out, model, acc, round(epoch + (i + 1) / steps, 2), best)
+                net.train()
         fit = data.epoch_fit(losses, correct, seen, epoch, started=started)
         if rank == 0:
-            data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer, train=fit)
+            data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
+                                 train=fit, extra={"best": best})
+    return best
 
 
 class TrainingSet:
@@ -362,13 +390,11 @@ class TrainingSet:
 
     def __init__(self, items, benchmark, backbone, zs_text, args, device):
         transform = data.make_transform(backbone, train=False)  # CLIP's preprocessing (the world)
-        if benchmark.augment:  # real data: RandAugment(2, 9) before it
-            from torchvision import transforms as T
-            transform = T.Compose([T.RandAugment(2, 9), *transform.transforms])
+        if benchmark.augment:  # real data: the official RandAugment(2, 9) before it
+            transform.transforms.insert(0, data.RandAugmentPort(2, 9))
         self.data = data.IndexedBatches(items, benchmark.open_image, transform, benchmark.augment,
                                         args.batch_size, args.seed, args.workers, device)
-        self.n, self.zs_text = len(items), F.normalize(zs_text, dim=-1)
-        self.zs_scale = backbone.model.logit_scale.exp().detach()
+        self.n, self.head = len(items), data.FixedHead(zs_text, backbone.model.logit_scale)
         self.teacher_logits = self.teacher = None
         if benchmark.augment and args.method in ("proreg", "fixed"):  # others: no second encoder
             self.teacher = copy.deepcopy(backbone.model.visual).eval().requires_grad_(False)
@@ -383,7 +409,7 @@ class TrainingSet:
     def zero_shot_logits(self, images, teacher):
         with data.autocast(images.device):
             features = data.normalised_encoder(teacher)(images)
-        return self.zs_scale * features @ self.zs_text.t()  # [b, C]
+        return self.head(features)  # [b, C]
 
     def batches(self, epoch, rank, world_size):
         """(images, labels, teacher logits) on the device, this process's share of each batch."""
@@ -392,12 +418,12 @@ class TrainingSet:
                 yield x, y, self.teacher_logits[idx].to(x.device)
             else:
                 yield x, y, (self.zero_shot_logits(x, self.teacher) if self.teacher is not None
-                             else x.new_zeros(len(x), len(self.zs_text)))
+                             else x.new_zeros(len(x), len(self.head.text_features)))
 
 
 # --- evaluation
 class OutputEnsemble(nn.Module):
-    """(1 - a) z_ft + a z_zs (official ensemble_test) of x = [fine-tuned, frozen features] [B, 2D]."""
+    """(1 - a) z_ft + a z_zs (official ensemble_test) of x = [ft features, frozen features]."""
 
     def __init__(self, fine_tuned, zero_shot, a):
         super().__init__()
@@ -410,7 +436,7 @@ class OutputEnsemble(nn.Module):
 
 
 def zero_shot_features(splits, backbone, args, device) -> dict:
-    """{split: (features [N, D], labels [N], prompt features [C, D])} of the model before any update."""
+    """{split: (features [N, D], labels [N], prompt features [C, D])} before any update."""
     encode, clip = data.normalised_encoder(backbone.model.visual), backbone.model
     return {name: (*data.encode_images(encode, data.split_loader(split, backbone, args), device),
                    prompt_features(clip, backbone.tokenize, split[1], split[2].template))
@@ -426,8 +452,9 @@ def evaluate_run(model, frozen, splits, task, args, device, **more) -> dict:
     for split, (items, names, source) in splits.items():
         zs_features, labels, zs_text = frozen[split]
         loader = data.split_loader((items, names, source), task.backbone, args)
-        ft_features, _ = data.encode_images(data.normalised_encoder(model.visual), loader, device)
-        fine_tuned = model if names == task.train_names else data.FixedHead(zs_text, model.logit_scale)
+        ft_features, _ = data.encode_images(model.eval().encode, loader, device)
+        trained_names = names == task.train_names
+        fine_tuned = model if trained_names else data.FixedHead(zs_text, model.logit_scale)
         zero_shot = data.FixedHead(zs_text, task.backbone.model.logit_scale)
         both = torch.cat([ft_features, zs_features], -1)
         ft, zs, both = ([*zip(x.split(args.test_batch_size), labels.split(args.test_batch_size))]

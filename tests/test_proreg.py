@@ -189,7 +189,7 @@ def test_weight_decay_spares_biases_and_norms_and_the_head_gets_100x(clip):
 
 
 def test_schedule_warms_up_then_decays_linearly_to_zero():
-    lrs = [proreg.lr_factor(s, 100, 0.1) for s in range(101)]
+    lrs = [data.warmup_linear(s, 100, 0.1) for s in range(101)]
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == 1.0
     assert lrs[55] == pytest.approx(0.5) and lrs[100] == 0.0
 
@@ -266,6 +266,9 @@ def test_run_records_every_row_and_evaluate_reproduces_it(tmp_path, monkeypatch)
     assert set(results["zero_shot"]) == set(results["ensemble"]) == {"all", "hm"}
     assert results["peak_memory_mb"] > 0 and results["processes"] == 1
     assert set(results["train"]) == {"loss", "acc", "s"} and math.isfinite(results["train"]["loss"])
+    # model selection: validated every half epoch (2 steps an epoch: after steps 1 and 2), the best tested
+    assert results["selected"]["by"] == "validation" and results["selected"]["epoch"] in (0.5, 1.0, 1.5, 2.0)
+    assert set(torch.load(run / "best.pt", weights_only=True)) == set(learned(run))
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert set(ckpt["learned"]) >= {"class_embeddings", "logit_scale", "visual.conv1.weight"}
     again = proreg.main(proreg.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
@@ -287,6 +290,7 @@ def test_zeroshot_is_the_zero_shot_row_and_base2new_scores_new_classes_with_prom
     record = proreg.main(proreg.parse_args(fixture_run(tmp_path, "--protocol", "base2new",
                                                        "--method", "zeroshot")))
     assert record["classes"] == {"base": 2, "new": 2} and record["epoch"] == 0 and record["train"] is None
+    assert record["selected"] == {"by": "last epoch"}
     assert [record[k] for k in ("base", "new", "hm")] == [record["zero_shot"][k] for k in ("base", "new", "hm")]
     assert learned(tmp_path / "runs" / "run1")["class_embeddings"].shape == (2, 32)  # a head for base only
 
@@ -427,7 +431,7 @@ def test_captured_step_gives_the_eager_losses_on_cuda(clip, method):
     step_fn = lambda m, o, *b: proreg.train_step(m, o, *b, args=args, use_kernel=True)  # noqa: E731
     step = kernels.CapturedStep(step_fn, captured, opt_captured)
     for factor, part in ((1.0, batches[:3]), (0.25, batches[3:])):
-        proreg.set_lr(opt_eager, factor), proreg.set_lr(opt_captured, factor)
+        data.set_lr(opt_eager, factor), data.set_lr(opt_captured, factor)
         expected = [step_fn(eager, opt_eager, *b)[0].item() for b in part]
         assert [step(*b)[0].item() for b in part] == pytest.approx(expected, rel=1e-3)
     for a, b in zip(eager.parameters(), captured.parameters()):
@@ -464,3 +468,56 @@ def test_training_batches_carry_the_zero_shot_teachers_logits(tmp_path, monkeypa
                 expected = zero_shot(F.normalize(backbone.model.encode_image(x).float(), dim=-1))
             torch.testing.assert_close(zs_logits, expected, rtol=1e-5, atol=1e-5)
             assert zs_logits.std() > 0
+
+
+# ---------------------------------------------------------------------------- settings and the other baselines
+def resolved(*flags):
+    return proreg.resolve_settings(proreg.parse_args([*flags, "--device", "cpu"]))
+
+
+def test_settings_follow_the_official_configs_per_benchmark_and_method():
+    dn = resolved("--dataset", "domain_net")
+    assert (dn.model, dn.pretrained, dn.alpha, dn.lr, dn.head_lr_mult, dn.batch_size, dn.epochs) == \
+        ("ViT-B-32", "openai", 2.0, 1e-5, 100.0, 256, 10)
+    lt = resolved("--dataset", "imagenet_lt")
+    assert (lt.lr, lt.head_lr_mult) == (1e-4, 10.0)
+    probe = resolved("--dataset", "pacs", "--method", "linear_probe")
+    assert (probe.lr, probe.head_lr_mult, probe.model) == (2e-3, 1.0, "ViT-B-32")
+    world = resolved()
+    assert (world.model, world.pretrained, world.batch_size, world.select) == ("tiny", "shapes", 32, "val")
+    own = resolved("--dataset", "caltech101", "--model", "ViT-B-16", "--pretrained", "laion2b_s34b_b88k", "--lr", "3e-5")
+    assert (own.model, own.pretrained, own.lr) == ("ViT-B-16", "laion2b_s34b_b88k", 3e-5)
+    with pytest.raises(data.UsageError, match="--model needs --pretrained"):
+        resolved("--dataset", "caltech101", "--model", "ViT-B-16")
+    with pytest.raises(data.UsageError, match="promptless has a head for the training classes only"):
+        resolved("--method", "promptless", "--protocol", "base2new")
+
+
+def test_promptless_head_is_the_official_mlp_and_linear_probe_trains_the_head_alone(clip):
+    torch.manual_seed(0)
+    model = proreg.PromptlessCLIP(clip, 5)
+    d = clip.visual.output_dim
+    assert [type(m).__name__ for m in model.head] == ["Linear", "LayerNorm", "GELU", "Linear"]
+    assert model.head[0].weight.shape == (2 * d, d) and model.head[3].weight.shape == (5, 2 * d)
+    assert model.head[0].weight.std().item() == pytest.approx(0.02, rel=0.1) and not model.head[3].bias.any()
+    with torch.no_grad():
+        raw = clip.visual(images())
+        torch.testing.assert_close(model(images()), model.head(raw))  # unnormalised features, no scale
+    optimizer = proreg.adamw(model, settings(lr=1e-5, head_lr_mult=100.0, weight_decay=0.01), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: (g["base_lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert decay["head.0.weight"] == decay["head.1.weight"] == (1e-3, 0.01)  # the official names decay LN weight
+    assert decay["head.0.bias"] == decay["head.1.bias"] == (1e-3, 0.0)
+    probe = proreg.FineTunedCLIP(clip, torch.randn(5, 32), train_encoder=False)
+    clip.visual.requires_grad_(False)
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"class_embeddings"}
+    clip.visual.requires_grad_(False)
+
+
+@pytest.mark.parametrize("method, learns", [("promptless", "head.3.weight"), ("linear_probe", "class_embeddings")])
+def test_the_other_baselines_run_and_record(tmp_path, monkeypatch, method, learns):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    record = proreg.main(proreg.parse_args(fixture_run(tmp_path, "--method", method, "--epochs", "1")))
+    assert record["method"] == method and 0 <= record["all"] <= 100 and record["selected"]["by"] == "validation"
+    saved = learned(tmp_path / "runs" / "run1")
+    assert learns in saved and ("visual.conv1.weight" in saved) == (method == "promptless")
