@@ -1979,10 +1979,11 @@ class AdamWHF(torch.optim.Optimizer):
     which scales the step, and the decay is applied after the update, to the updated weights:
         p <- p - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps);   p <- p (1 - lr wd)
     torch.optim.AdamW decays first and adds eps to the bias-corrected sqrt(v). The lr may be a tensor and
-    the step count is one (float64): no host sync, so a CUDA graph can capture the update."""
+    the step count is one (float64, on the parameter's device): no host sync, so a CUDA graph can capture
+    the update, and a restored checkpoint continues bit for bit."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, capturable=True))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self):
@@ -1993,6 +1994,7 @@ class AdamWHF(torch.optim.Optimizer):
                 if not state:
                     state.update(step=torch.zeros((), dtype=torch.float64, device=p.device),
                                  exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] = state["step"].to(p.device, torch.float64)  # restored: on the CPU (no-op else)
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(b1).add_(p.grad, alpha=1 - b1)

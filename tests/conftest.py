@@ -141,3 +141,36 @@ def tiny_clip():
     model = open_clip.model.CLIP(**TINY).eval().requires_grad_(False)
     model.positional_embedding.data.normal_(std=0.5)
     return model
+
+
+# ---------------------------------------------------------------------------- ProReg's benchmarks (data.py 5b)
+def image(path):
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (40, 90, 200)).save(path)
+    return path
+
+
+def write_list(path, lines):
+    Path(path).write_text("".join(f"{line}\n" for line in lines))
+
+
+DN_CLASSES = ["aircraft_carrier", "The_Eiffel_Tower", "zebra"]  # the release's sorted order: label = index
+
+
+def make_domain_net(root):
+    """domain_net/<domain>/<class>/<domain>_<class index>_<n>.jpg and <domain>_{train,test}.txt
+    ('sketch/aircraft_carrier/sketch_001_000001.jpg 0'): 2 train and 1 test image per class and domain."""
+    ds = Path(root) / "domain_net"
+    for domain in ("sketch", "clipart", "painting", "real"):
+        for split, numbers in (("train", (1, 2)), ("test", (3,))):
+            lines = []
+            for label, c in enumerate(DN_CLASSES):
+                for n in numbers:
+                    rel = f"{domain}/{c}/{domain}_{label + 1:03d}_{n:06d}.jpg"
+                    image(ds / rel)
+                    lines.append(f"{rel} {label}")
+            write_list(ds / f"{domain}_{split}.txt", lines)
+    return ds

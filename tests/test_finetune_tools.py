@@ -43,10 +43,36 @@ def test_adamw_is_transformers_update_and_not_torchs(lr_on_device):
     expected = hf_adamw_reference(start, grads, lr, betas, eps, wd)
     torch.testing.assert_close(ours.detach().double(), expected, rtol=1e-5, atol=1e-6)
     assert (theirs.detach().double() - expected).abs().max() > 1e-4  # torch's AdamW is another update
-    state = opt.state_dict()  # a checkpoint restores it
-    again = data.AdamWHF([dict(params=[torch.nn.Parameter(ours.detach().clone())], base_lr=lr)], lr, betas, eps)
-    again.load_state_dict(state)
-    assert again.state_dict()["state"][0]["step"].item() == 6
+
+
+def test_adamw_restored_from_a_checkpoint_continues_bit_for_bit():
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(20, generator=gen) for _ in range(6)]
+    start = torch.randn(20, generator=gen)
+
+    def run(steps, state=None, value=start):
+        p = torch.nn.Parameter(value.clone())
+        opt = data.AdamWHF([dict(params=[p], base_lr=1e-2)], 1e-2, (0.9, 0.98), 1e-8, weight_decay=0.01)
+        data.set_lr(opt, 1.0)
+        if state is not None:
+            opt.load_state_dict(state)
+        for g in steps:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach(), opt.state_dict()
+
+    whole, _ = run(grads)
+    half, state = run(grads[:3])
+    state = torch.load(__import__("io").BytesIO(_saved(state)), weights_only=True)  # as a checkpoint holds it
+    resumed, after = run(grads[3:], state, half)
+    assert torch.equal(resumed, whole) and after["state"][0]["step"].item() == 6
+
+
+def _saved(obj):
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def test_schedule_and_tensor_lrs():

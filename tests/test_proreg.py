@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import data
 import kernels
 import proreg
-from conftest import caltech_fixture, kill_after_epochs
+from conftest import caltech_fixture, kill_after_epochs, make_domain_net
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NAME = "proreg-test-tiny"  # a random-init CLIP small enough for CPU tests
@@ -521,3 +521,19 @@ def test_the_other_baselines_run_and_record(tmp_path, monkeypatch, method, learn
     assert record["method"] == method and 0 <= record["all"] <= 100 and record["selected"]["by"] == "validation"
     saved = learned(tmp_path / "runs" / "run1")
     assert learns in saved and ("visual.conv1.weight" in saved) == (method == "promptless")
+
+
+def test_domain_net_runs_its_protocol_end_to_end(tmp_path, monkeypatch):
+    """On DomainNet's release layout: trained on sketch, the best of the half-epoch validations on sketch's test
+    list tested on it (all) and on clipart, painting, real, with their mean, for every row."""
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)
+    make_domain_net(tmp_path / "data")
+    record = proreg.main(proreg.parse_args(["--dataset", "domain_net", "--model", TINY_NAME, "--pretrained", "none",
+                                            "--root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
+                                            "--batch-size", "2", "--epochs", "2", *COMMON]))
+    assert record["classes"] == {"all": 3, "clipart": 3, "painting": 3, "real": 3}
+    assert list(record["shifts"]) == ["clipart", "painting", "real", "mean"]
+    for row in (record["shifts"], record["zero_shot"], record["ensemble"]):
+        assert row["mean"] == pytest.approx(sum(row[d] for d in ("clipart", "painting", "real")) / 3)
+    assert record["selected"]["by"] == "validation" and 0 < record["selected"]["epoch"] <= 2
+    assert record["args"]["model"] == TINY_NAME and record["protocol"] == "all"

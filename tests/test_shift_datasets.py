@@ -8,39 +8,10 @@ import pytest
 from PIL import Image
 
 import data
-
-
-def image(path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (40, 90, 200)).save(path)
-    return path
-
-
-def write_list(path, lines):
-    Path(path).write_text("".join(f"{line}\n" for line in lines))
+from conftest import DN_CLASSES, image, make_domain_net, write_list
 
 
 # ------------------------------------------------------------------------------------------------ DomainNet
-DN_CLASSES = ["aircraft_carrier", "The_Eiffel_Tower", "zebra"]  # the release's sorted order: label = index
-
-
-def make_domain_net(root):
-    """domain_net/<domain>/<class>/<domain>_<class index>_<n>.jpg and <domain>_{train,test}.txt
-    ('sketch/aircraft_carrier/sketch_001_000001.jpg 0'): 2 train and 1 test image per class and domain."""
-    ds = Path(root) / "domain_net"
-    for domain in ("sketch", "clipart", "painting", "real"):
-        for split, numbers in (("train", (1, 2)), ("test", (3,))):
-            lines = []
-            for label, c in enumerate(DN_CLASSES):
-                for n in numbers:
-                    rel = f"{domain}/{c}/{domain}_{label + 1:03d}_{n:06d}.jpg"
-                    image(ds / rel)
-                    lines.append(f"{rel} {label}")
-            write_list(ds / f"{domain}_{split}.txt", lines)
-    return ds
-
-
 def test_domain_net_trains_on_sketch_validates_on_its_test_and_tests_three_domains(tmp_path):
     ds = make_domain_net(tmp_path)
     bench = data.load_dataset("domain_net", tmp_path)
