@@ -319,14 +319,14 @@ def key_bias(name):
     return name.endswith("attn.in_proj_bias")
 
 
-def assert_same_learning(a, b, start, what):
+def assert_same_learning(a, b, start, what, atol=1e-6):
     for key, tensor in a.items():
         if key_bias(key):
             d = tensor.shape[0] // 3
             tensor, other = torch.cat([tensor[:d], tensor[2 * d:]]), torch.cat([b[key][:d], b[key][2 * d:]])
         else:
             other = b[key]
-        torch.testing.assert_close(other, tensor, rtol=1e-4, atol=1e-6, msg=f"{what}: {key}")
+        torch.testing.assert_close(other, tensor, rtol=1e-4, atol=atol, msg=f"{what}: {key}")
     moved = [k for k in a if not torch.allclose(a[k], start[k], atol=1e-4)]
     assert "visual.conv1.weight" in moved and "class_embeddings" in moved  # the weights did move
 
@@ -347,11 +347,15 @@ def test_ddp_accumulation_and_checkpointing_learn_what_one_process_learns(tmp_pa
     names = ["face", "accordion", "airplane", "anchor"]
     start = {"class_embeddings": proreg.prompt_features(clip, open_clip.tokenize, names, data.CUSTOM_TEMPLATES["caltech101"]),
              **{f"visual.{k}": v for k, v in clip.visual.state_dict().items()}, "logit_scale": clip.logit_scale}
-    one = learned(tmp_path / "runs" / "one")
-    for name in ("ddp", "accum", "checkpointing"):
-        other = learned(tmp_path / "runs" / name)
-        assert set(other) == set(one)
-        assert_same_learning(one, other, start, name)
+    one, ddp, accum, checkpointing = (learned(tmp_path / "runs" / n) for n in ("one", "ddp", "accum", "checkpointing"))
+    assert set(one) == set(ddp) == set(accum) == set(checkpointing)
+    assert_same_learning(accum, ddp, start, "ddp")  # 2 processes x 2 = 1 process in 2 steps of 2
+    assert_same_learning(one, checkpointing, start, "checkpointing")  # recomputed activations
+    # A batch of 4 against two halves of 2: the gradients agree to float rounding, but Adam divides
+    # each by its own sqrt(v) + eps, so an element whose gradient is near zero (a sum that cancels)
+    # moves by up to a few % of lr on either path (transformers' AdamW: eps before the bias
+    # correction, about 3e-7 at step 1). 5 steps at lr 1e-3: differences up to ~1e-5 (measured).
+    assert_same_learning(one, accum, start, "accum", atol=5e-5)
     assert json.loads((tmp_path / "runs" / "ddp" / "results.json").read_text())["processes"] == 2
 
 
