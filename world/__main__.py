@@ -18,8 +18,9 @@ def _cmd_zero_shot(argv) -> None:
     args = parser.parse_args(argv)
     model = load_tiny_clip(args.checkpoint)
     task, (seen, heldout) = world_task_classes(), world_combo_split()
-    sets = {"task base (12)": task[:12], "task new (12)": task[12:],
-            "pretraining pairs (48)": seen, "held-out pairs (16)": heldout}
+    half = len(task) // 2
+    sets = {f"task base ({half})": task[:half], f"task new ({len(task) - half})": task[half:],
+            f"pretraining pairs ({len(seen)})": seen, f"held-out pairs ({len(heldout)})": heldout}
     print("| class set | chance | " + " | ".join(WORLD_STYLES) + " |")
     print("|---|---:|" + "---:|" * len(WORLD_STYLES))
     for name, pairs in sets.items():

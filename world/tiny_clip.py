@@ -202,7 +202,7 @@ def encode_image_with_random_prompts(model, images, n_prompts, gen, std=0.02):
 @torch.no_grad()
 def world_prompt_sensitivity(model, n_prompts=4, seeds=(1, 2, 3), std=0.02):
     """How much untrained deep vision prompts move zero-shot accuracy on the downstream task's test
-    set ('shapes': base and new, each among its own 12 names, template 'a photo of a {}.').
+    set ('shapes': base and new, each among its own names, template 'a photo of a {}.').
     -> {"base": acc, "new": acc, "prompted": {seed: {"base": acc, "new": acc}}} (fractions)."""
     import open_clip
 
@@ -213,14 +213,15 @@ def world_prompt_sensitivity(model, n_prompts=4, seeds=(1, 2, 3), std=0.02):
     images = to_clip_input(images)
     tokenizer = open_clip.get_tokenizer("tiny")
     text = F.normalize(model.encode_text(tokenizer([f"a photo of a {world_classname(*p)}." for p in pairs])), dim=-1)
-    halves = {"base": labels < 12, "new": labels >= 12}
+    n_base = len(pairs) // 2  # base: the first half of the task's classes
+    halves = {"base": (0, n_base), "new": (n_base, len(pairs))}
 
     def accuracies(features):
         features = F.normalize(features, dim=-1)
         out = {}
-        for half, pick in halves.items():
-            offset = 0 if half == "base" else 12
-            logits = features[pick] @ text[offset:offset + 12].T
+        for half, (offset, end) in halves.items():
+            pick = (labels >= offset) & (labels < end)
+            logits = features[pick] @ text[offset:end].T
             out[half] = round(logits.argmax(1).add(offset).eq(labels[pick]).float().mean().item(), 4)
         return out
 
