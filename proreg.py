@@ -336,6 +336,8 @@ def set_lr(optimizer, factor):
 
 # --------------------------------------------------------------------------------------- the run
 def main(args):
+    if args.predict:  # --predict RUN_DIR IMAGE...: a finished run as a classifier
+        return data.predict(args, load_classifier)
     start_time = time.time()
     rank, world_size = setup_distributed()
     tag = "proreg" if args.method == "proreg" else f"proreg-{args.method}"
@@ -385,6 +387,24 @@ def main(args):
         return None
     record = evaluate_run(model, frozen, splits, task, args, device, processes=world_size, **memory)
     return data.finish_run(out, record, args, start_time)
+
+
+def load_classifier(run_dir, classnames=None, device=None):
+    """A finished run as a callable: images (PIL, paths or a batch) -> probabilities [N, C] over
+    .classnames from the fine-tuned encoder: a trained class by its head row, any other name by its
+    zero-shot prompt feature, as evaluate_run scores new classes (--method ensemble: the fine-tuned
+    model, not the output ensemble). data.RunClassifier."""
+    run = data.load_run(run_dir, device)
+    clip, tokenize = run.backbone.model, run.backbone.tokenize
+    model = FineTunedCLIP(clip, prompt_features(clip, tokenize, run.classnames, run.template))
+
+    def text_features(names):
+        head = dict(zip(run.classnames, model.class_text_features()))
+        new = [n for n in names if n not in head]
+        if new:
+            head.update(zip(new, F.normalize(prompt_features(clip, tokenize, new, run.template), dim=-1)))
+        return torch.stack([head[n] for n in names])
+    return data.RunClassifier(model.to(run.device), run, text_features, classnames)
 
 
 def fine_tune(model, optimizer, train_set, saved, out, args, device, rank, world_size):

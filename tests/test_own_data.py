@@ -224,3 +224,27 @@ def test_bad_predict_input_is_one_line(folder_run, argv, message):
     with pytest.raises(data.UsageError, match=message) as err:
         coop.main(coop.parse_args([*argv, *TINY, *COMMON]))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("method, extra", [("vprompt", ["--epochs", "2"]), ("promptsrc", ["--epochs", "2"]),
+                                           ("proreg", ["--epochs", "1", "--batch-size", "4"])])
+def test_every_method_predicts_its_test_images_as_its_evaluation_counted(folder_run, method, extra):
+    import importlib
+
+    module = importlib.import_module(method)
+    tmp, _, names = folder_run
+    run = tmp / "runs" / method
+    module.main(module.parse_args(["--dataset", str(tmp / "shapes4"), *TINY, "--shots", "2", *extra,
+                                   "--output-dir", str(run), *COMMON]))
+    results = json.loads((run / "results.json").read_text())
+    bench = data.load_dataset(str(tmp / "shapes4"), None, split_file=run / "split.json")
+    classifier = module.load_classifier(run, device="cpu")
+    for split in ("base", "new", "all"):
+        if results.get(split) is None:
+            continue
+        items, split_names = data.subsample_classes(bench.test, bench.classnames, split)
+        classifier.classnames = split_names
+        probs, labels = classifier([it.source for it in items]), torch.tensor([it.label for it in items])
+        assert 100 * (probs.argmax(-1) == labels).float().mean().item() == pytest.approx(results[split])
+        nll = -probs[torch.arange(len(items)), labels].log().mean().item()
+        assert nll == pytest.approx(results["test_loss"][split], rel=1e-4), split
