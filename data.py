@@ -14,6 +14,7 @@ method. Sections, top to bottom:
      mean +- std table
   8. runs: what every method file does the same way (common flags and their checks, the run
      folder, checkpoints, the protocols' test sets, evaluation, the zero-shot row, results)
+  9. prediction: a finished run as a classifier (load_run, RunClassifier, `--predict RUN_DIR IMAGE...`)
 
 The built-in offline world (the 'shapes...' datasets and the 'tiny' backbone) lives in world/ beside
 this file; load_dataset and load_backbone import it only when asked for it, so this file and a
@@ -29,7 +30,10 @@ API CONTRACT (used by the method files; keep these names and meanings):
       open_image(source) -> PIL.Image in RGB.
       augment: True when the paper's random training augmentation applies (real datasets);
                False for the world (small rendered shapes: a random crop would cut the shape away).
-  load_dataset(name, root, download=False) -> Benchmark
+  load_dataset(name, root, download=False, split_file=None) -> Benchmark
+      name: a benchmark, or a folder of class folders (a name with '/': load_folder(path, split_file);
+      Benchmark.folder is then its path; the run keeps its split as FOLDER_SPLIT, its class names and
+      template as RUN_CLASSES); is_folder(name), dataset_name(name) (a folder's own name)
   fewshot(items, shots, seed, cache=None) -> list[Item]
   subsample_classes(items, classnames, which) -> (items relabelled from 0, classnames)
   shift_items(items, classnames) -> items of a shifted test set restricted to `classnames`, relabelled
@@ -80,6 +84,12 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   print_results(title, rows, columns); result_record(method, args, task, rows, ours, splits,
   test_loss, **more); finish_run(out, record, args, start_time)
   PROTOCOLS {protocol: training classes}; LOCAL_SETTINGS (may change on --resume/--evaluate)
+
+Prediction (section 9): load_run(run_dir, device) -> Run(folder, args, learned, backbone, classnames,
+  template, device); RunClassifier(model, run, text_features, classnames) -> callable, images (PIL,
+  paths or a transformed batch) -> probabilities [N, C] over .classnames (settable); a method file's
+  load_classifier(run_dir, classnames=None, device=None) returns one; predict(args, load_classifier)
+  is --predict; read_classes(--classes); image_files(paths); check_prompts(backbone, names, template).
 
 Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD,
 DATASETS (the registry of real datasets), make_transform(backbone, train), read_results(dir),
@@ -1807,8 +1817,8 @@ def epoch_bar(args, start: int):
 def epoch_fit(losses: list, correct, seen: int, epoch: int, lr=None, started=None, **terms) -> dict:
     """The epoch's training loss and accuracy (%) from its steps' loss tensors (one wait for the device
     per epoch), with its lr, its seconds since `started` (time.time() at its start) and a method's
-    own loss terms (name=list of step tensors, averaged); a non-finite loss stops the run (UsageError)
-    before anything is recorded as a result."""
+    own loss terms (name=list of step tensors, or a tensor of step values, averaged); a non-finite
+    loss stops the run (UsageError) before anything is recorded as a result."""
     losses = torch.stack(losses).cpu()
     if not torch.isfinite(losses).all():
         bad = int((~torch.isfinite(losses)).nonzero()[0])
