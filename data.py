@@ -2106,7 +2106,8 @@ def predict(args, load_classifier: Callable) -> torch.Tensor:
     probs = classifier(files)
     top = probs.topk(min(args.top_k, probs.shape[1]), dim=-1)
     for path, values, indices in zip(files, top.values.tolist(), top.indices.tolist()):
-        print(path + "\n" + "\n".join(f"  {100 * p:6.2f} %  {classifier.classnames[i]}" for p, i in zip(values, indices)))
+        lines = [f"  {100 * p:6.2f} %  {classifier.classnames[i]}" for p, i in zip(values, indices)]
+        print("\n".join([path, *lines]))
     return probs
 
 

@@ -402,7 +402,8 @@ def load_classifier(run_dir, classnames=None, device=None):
         head = dict(zip(run.classnames, model.class_text_features()))
         new = [n for n in names if n not in head]
         if new:
-            head.update(zip(new, F.normalize(prompt_features(clip, tokenize, new, run.template), dim=-1)))
+            zs = prompt_features(clip, tokenize, new, run.template)  # new names: as evaluate_run
+            head.update(zip(new, F.normalize(zs, dim=-1)))
         return torch.stack([head[n] for n in names])
     return data.RunClassifier(model.to(run.device), run, text_features, classnames)
 
