@@ -15,6 +15,7 @@ method. Sections, top to bottom:
      mean +- std table
   8. runs: what every method file does the same way (common flags and their checks, the run
      folder, checkpoints, the protocols' test sets, evaluation, the zero-shot row, results)
+  9. prediction: a finished run as a classifier (load_run, RunClassifier, `--predict RUN_DIR IMAGE...`)
 
 The built-in offline world (the 'shapes...' datasets and the 'tiny' backbone) lives in world/ beside
 this file; load_dataset and load_backbone import it only when asked for it, so this file and a
@@ -32,8 +33,11 @@ API CONTRACT (used by the method files; keep these names and meanings):
                False for the world (small rendered shapes: a random crop would cut the shape away).
       groups: {name: list[Item]} subsets of the test set scored in the whole label space (ImageNet-LT's
               many / medium / few-shot classes); mean_of: shifted sets averaged into a "mean" column.
-  load_dataset(name, root, download=False, train_domain=None, test_domain=None) -> Benchmark
-      (the domains: PACS's held-out domain, OfficeHome's pair; section 5b)
+  load_dataset(name, root, download=False, train_domain=None, test_domain=None, split_file=None)
+      -> Benchmark (the domains: PACS's held-out domain, OfficeHome's pair; section 5b)
+      name: a benchmark, or a folder of class folders (a name with '/': load_folder(path, split_file);
+      Benchmark.folder is then its path; the run keeps its split as FOLDER_SPLIT, its class names and
+      template as RUN_CLASSES); is_folder(name), dataset_name(name) (a folder's own name)
   fewshot(items, shots, seed, cache=None) -> list[Item]
   subsample_classes(items, classnames, which) -> (items relabelled from 0, classnames)
   shift_items(items, classnames) -> items of a shifted test set restricted to `classnames`, relabelled
@@ -91,6 +95,12 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   test_loss, **more); finish_run(out, record, args, start_time)
   PROTOCOLS {protocol: training classes}; LOCAL_SETTINGS (may change on --resume/--evaluate)
 
+Prediction (section 9): load_run(run_dir, device) -> Run(folder, args, learned, backbone, classnames,
+  template, device); RunClassifier(model, run, text_features, classnames) -> callable, images (PIL,
+  paths or a transformed batch) -> probabilities [N, C] over .classnames (settable); a method file's
+  load_classifier(run_dir, classnames=None, device=None) returns one; predict(args, load_classifier)
+  is --predict; read_classes(--classes); image_files(paths); check_prompts(backbone, names, template).
+
 Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD,
 DATASETS (the registry of real datasets), make_transform(backbone, train), read_results(dir),
 results_table(records), TRAIN_MEMORY_LIMIT (train_batches' default, bytes), CROP_SCALE/CROP_RATIO
@@ -99,6 +109,7 @@ results_table(records), TRAIN_MEMORY_LIMIT (train_batches' default, bytes), CROP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import numbers
@@ -146,6 +157,7 @@ class Benchmark:
     augment: bool = True
     groups: dict = field(default_factory=dict)  # {name: test items of a group of classes}, full label space
     mean_of: tuple = ()  # shifted sets whose mean accuracy is reported as column "mean"
+    folder: Optional[str] = None  # a folder dataset's folder (--dataset PATH), else None
 
 
 @dataclass
@@ -861,12 +873,16 @@ def _read_dataset(name: str, root: Path):
     return splits
 
 
-def load_dataset(name: str, root, download: bool = False, train_domain=None, test_domain=None) -> Benchmark:
+def load_dataset(name: str, root, download: bool = False, train_domain=None, test_domain=None,
+                 split_file=None) -> Benchmark:
     """A benchmark by name: the offline world ('shapes...'), a CoOp dataset or a ProReg benchmark (5b) under
-    `root`. train_domain / test_domain: the domains of PACS (test) and OfficeHome (both); None: defaults."""
+    `root`, or a folder of class folders (a name with a '/': load_folder, with the run's `split_file`).
+    train_domain / test_domain: the domains of PACS (test) and OfficeHome (both); None: defaults."""
     domains = {k: v for k, v in (("--train-domain", train_domain), ("--test-domain", test_domain)) if v}
     require(not domains or name in DOMAIN_DATASETS, f"{' and '.join(domains)} apply to "
             f"{', '.join(DOMAIN_DATASETS)} only, not {name}: leave them out")
+    if is_folder(name):
+        return load_folder(name, split_file)
     if name in SHIFT_DATASETS:
         return SHIFT_DATASETS[name].load(Path(root).expanduser(), train_domain, test_domain)
     if name == WORLD_BIASED:  # the world's biased-data task (ProReg's benchmark), in a file of its own
@@ -874,8 +890,9 @@ def load_dataset(name: str, root, download: bool = False, train_domain=None, tes
     if name.startswith(WORLD_PREFIX):
         return _world("shapes").world_benchmark(name)
     if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}. Known: {', '.join([*DATASETS, *SHIFT_DATASETS])}, and "
-                         f"the offline world's '{WORLD_PREFIX}...' benchmarks")
+        raise UsageError(f"unknown dataset {name!r}. Known: {', '.join([*DATASETS, *SHIFT_DATASETS])}, the "
+                         f"offline world's '{WORLD_PREFIX}...' benchmarks, and a folder of class folders "
+                         f"(./{name} in this folder)")
     root = Path(root).expanduser()
     spec = DATASETS[name]
     if download and not (root / spec.folder / spec.image_dir).is_dir():
@@ -1014,6 +1031,120 @@ SHIFT_DATASETS = {
         _imagenet_lt),
 }
 DOMAIN_DATASETS = ("pacs", "office_home")  # the ones --train-domain / --test-domain apply to
+
+
+# -------------------------------------------------------------------------------- your own folder
+# --dataset PATH: a folder of class folders (torchvision's ImageFolder layout), or one with train/,
+# test/ (and optionally val/) folders of class folders. A name with a '/' (or starting with '~') is
+# a path; any other name is a benchmark's (write ./NAME for a folder in the current directory).
+FOLDER_TEMPLATE = "a photo of a {}."  # a folder's hand-written prompt, unless --template says otherwise
+FOLDER_SPLIT = "split.json"  # a run on a folder keeps its split here (in the run folder, as split_zhou)
+
+
+def is_folder(name: str) -> bool:
+    """Whether a --dataset value names a folder (has a '/' or starts with '~') rather than a benchmark."""
+    return "/" in name or os.sep in name or name.startswith("~")
+
+
+def dataset_name(name: str) -> str:
+    """The name a run and the results table show: a folder's own name, a benchmark's name."""
+    return Path(name).name if is_folder(name) else name
+
+
+def _image_extensions() -> set:
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _class_images(base: Path) -> dict:
+    """{class folder: its image files, sorted (subfolders included)} of the class folders under `base`.
+    Refuses (one line) a file that is not an image, an empty class folder and fewer than two classes."""
+    classes = [c for c in _listdir(base) if (base / c).is_dir()]
+    require(len(classes) >= 2, f"{base} holds {len(classes)} class folder(s) ({', '.join(classes) or 'none'}): "
+            "a classifier needs at least two, one folder of images per class")
+    images, extensions = {}, _image_extensions()
+    for c in classes:
+        files = []
+        for top, dirs, names in os.walk(base / c):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [Path(top) / f for f in sorted(names) if not f.startswith(".")]
+        bad = [f for f in files if f.suffix.lower() not in extensions]
+        require(not bad, f"{bad[0] if bad else ''} is not an image (by its extension): move it out of {base}")
+        require(files, f"class folder {base / c} holds no images: add some or remove the folder")
+        images[c] = [str(f) for f in files]
+    return images
+
+
+def _folder_names(folder: Path, classes: list) -> list:
+    """The class names of the class folders: classnames.txt's ('folder<TAB>name' per line) when the
+    folder has one, else the folder names with '_' and '-' read as spaces."""
+    path = folder / "classnames.txt"
+    if path.exists():
+        given = {}
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                require("\t" in line, f"{path}:{n}: expected 'folder<TAB>name', got {line!r}")
+                key, name = line.split("\t", 1)
+                given[key.strip()] = name.strip()
+        missing = [c for c in classes if not given.get(c)]
+        require(not missing, f"{path} names no class for folder {(missing or [''])[0]!r}: add a line "
+                f"'{(missing or [''])[0]}<TAB>name'")
+        names = [given[c] for c in classes]
+    else:
+        names = [" ".join(c.replace("_", " ").replace("-", " ").split()) for c in classes]
+    twice = [n for n in names if names.count(n) > 1]
+    require(not twice, f"two class folders of {folder} have the name {(twice or [''])[0]!r}: rename one "
+            "(or name them in classnames.txt)")
+    return names
+
+
+def load_folder(path, split_file=None) -> Benchmark:
+    """A folder of class folders as a Benchmark (labels: the class folders, sorted). With train/ and
+    test/ (optionally val/) those are the splits; otherwise CoOp's rule, 50/20/30 per class with a
+    fixed seed. `split_file`: a run's saved split (FOLDER_SPLIT), read instead when it exists."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise MissingFileError(f"--dataset {path}: no such folder (a folder of class folders, or of train/ "
+                               "and test/ folders of class folders)")
+    template = FOLDER_TEMPLATE
+    if split_file is not None and Path(split_file).exists():  # the run's own split, as it was
+        splits = _read_split_json(Path(split_file), folder)
+        absent = _absent(splits)
+        require(not absent, f"{len(absent)} images of the run's split ({split_file}) are no longer in "
+                f"{folder}, e.g. {absent[0] if absent else ''}: put them back")
+        return Benchmark(folder.name, _classnames(folder.name, splits), *splits, template, {}, open_rgb,
+                         augment=True, folder=str(folder))
+    parts = [s for s in ("train", "val", "test") if (folder / s).is_dir()]
+    if parts:
+        require({"train", "test"} <= set(parts), f"{folder} has {'/, '.join(parts)}/ but not "
+                f"{'train' if 'train' not in parts else 'test'}/: give both (val/ is optional), or put the "
+                "class folders directly in it for a 50/20/30 split")
+        per_split = {s: _class_images(folder / s) for s in parts}
+        classes = list(per_split["train"])
+        for s in parts:
+            odd = sorted(set(per_split[s]) ^ set(classes))
+            require(not odd, f"the classes of {folder}/{s}/ and train/ differ (e.g. {odd[0] if odd else ''}): "
+                    "every split needs the same class folders")
+        names = _folder_names(folder, classes)
+        splits = [[Item(f, label, names[label]) for label, c in enumerate(classes) for f in per_split[s][c]]
+                  if s in per_split else [] for s in ("train", "val", "test")]
+    else:
+        images = _class_images(folder)
+        classes = list(images)
+        names = _folder_names(folder, classes)
+        items = [Item(f, label, names[label]) for label, c in enumerate(classes) for f in images[c]]
+        splits = _split_by_label(items, random.Random(AUTO_SPLIT_SEED), 0.5, 0.2)
+        for label, c in enumerate(classes):
+            counts = [sum(it.label == label for it in split) for split in (splits[0], splits[2])]
+            require(all(counts), f"class folder {folder / c} has {len(images[c])} image(s): too few for the "
+                    "50/20/30 split (it needs a training and a test image); add images")
+    return Benchmark(folder.name, names, *splits, template, {}, open_rgb, augment=True, folder=str(folder))
+
+
+def save_folder_split(benchmark: Benchmark, path) -> None:
+    """Write a folder benchmark's split as the run's split file (paths relative to the folder)."""
+    rel = lambda items: [[os.path.relpath(s, benchmark.folder), y, c] for s, y, c in items]
+    atomic_write_text(json.dumps({s: rel(getattr(benchmark, s)) for s in ("train", "val", "test")}), path)
 
 
 # ==================================================================================================
@@ -1534,7 +1665,8 @@ PROTOCOLS = {"base2new": "base", "all": "all", "cross": "all"}  # protocol -> th
 # takes these from its command line and every other setting from its saved args; the results table
 # does not tell runs apart by them (nor by the seed, which it averages over).
 LOCAL_SETTINGS = ("resume", "evaluate", "root", "download", "device", "workers", "test_batch_size", "eager",
-                  "results_file", "output_dir", "overwrite", "no_truncate", "loss_impl")
+                  "results_file", "output_dir", "overwrite", "no_truncate", "loss_impl", "predict", "classes",
+                  "top_k")
 MAX_SEED = 2 ** 32 - 1  # NumPy's seeds are 32-bit
 
 
@@ -1543,7 +1675,10 @@ def add_run_flags(parser, *, dataset="shapes", protocol="base2new", shots=16, sh
     """The flags every method file has, with their defaults; the method adds its own before these."""
     a = parser.add_argument
     a("--dataset", default=dataset, help="benchmark name for data.load_dataset (shapes = the built-in offline "
-      "world; the papers: the 11 CoOp datasets, e.g. caltech101)")
+      "world; the papers: the 11 CoOp datasets, e.g. caltech101), or PATH/ a folder of class folders (with "
+      "train/ and test/ folders, or split 50/20/30; names from the folders or classnames.txt)")
+    a("--template", default=None, help="the hand-written prompt of the zero-shot row (and ProReg's head), e.g. "
+      "'a satellite photo of a {}.'; default: the dataset's (CoOp's; 'a photo of a {}.' for a folder)")
     a("--root", default="~/data", help="folder holding the datasets in CoOp's layout, as DATASET.ROOT")
     a("--download", action="store_true",
       help="let data.py download what torchvision can download (the papers: manual download)")
@@ -1580,11 +1715,18 @@ def add_run_flags(parser, *, dataset="shapes", protocol="base2new", shots=16, sh
       "real_world; default art)")
     a("--test-domain", default=None, help="pacs: the held-out domain (photo, art_painting, cartoon, sketch; "
       "default sketch); office_home: the domain tested on (default clipart)")
+    a("--predict", nargs="+", default=None, metavar=("RUN_DIR", "IMAGE"), help="classify images (files or "
+      "folders of them) with a finished run: prints each image's top classes and their probabilities")
+    a("--classes", default=None, metavar="A,B,C", help="with --predict: classify among these class names (or "
+      "those of a file, one per line) instead of the run's training classes")
+    a("--top-k", type=int, default=5, help="with --predict: how many classes to print per image")
 
 
 def resolve_run_args(args) -> None:
     """Fill the common settings left at None: the dataset's default backbone, 'none' -> random init, and
-    the cross-dataset targets of --protocol cross."""
+    the cross-dataset targets of --protocol cross. A folder dataset is recorded by its absolute path."""
+    if is_folder(args.dataset):
+        args.dataset = str(Path(args.dataset).expanduser().resolve())
     if args.model is None:
         args.model, default_pretrained = default_backbone(args.dataset)
         args.pretrained = default_pretrained if args.pretrained is None else args.pretrained
@@ -1605,6 +1747,12 @@ def check_run_args(args, min_epochs=1, min_shots=1) -> None:
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
     check_int("--workers", args.workers, 0)
     check_int("--seed", args.seed, 0)
+    require(not getattr(args, "classes", None), "--classes goes with --predict RUN_DIR IMAGE... (class names "
+            "to classify among); a training run takes its classes from --dataset")
+    template = getattr(args, "template", None)
+    require(template is None or (isinstance(template, str) and template.count("{}") == 1 and
+                                 "{" not in template.replace("{}", "", 1)),
+            f"--template must hold one '{{}}' where the class name goes (e.g. 'a photo of a {{}}.'), got {template!r}")
     require(args.seed <= MAX_SEED, f"--seed must be at most {MAX_SEED} (NumPy's seeds are 32-bit), got {args.seed}")
     require(args.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}, got {args.protocol!r}")
     require(args.protocol != "cross" or eval_datasets(args), f"--protocol cross names no default targets for "
@@ -1677,7 +1825,8 @@ def start_run(args, method: str, resolve: Callable, check: Callable):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         protocol = "" if args.protocol == "base2new" else f"{args.protocol}-"
         shots = f"{args.shots}shot-" if args.shots else ""
-        out = Path(args.output_dir or f"runs/{method}-{args.dataset}-{protocol}{shots}seed{args.seed}-{stamp}")
+        name = dataset_name(args.dataset)
+        out = Path(args.output_dir or f"runs/{method}-{name}-{protocol}{shots}seed{args.seed}-{stamp}")
         require(args.overwrite or not (out / "checkpoint.pt").exists(), f"{out} already holds a checkpoint: "
                 "pass --overwrite to replace the run, --resume to continue it, or another --output-dir")
     return args, saved, out, run_device(args.device)
@@ -1720,19 +1869,45 @@ class Task:
 
 
 def load_task(args, device) -> Task:
-    """Read the benchmark, every --eval-datasets target (a missing one stops the run here, before
-    training) and the backbone."""
-    benchmark = load_dataset(args.dataset, args.root, args.download, args.train_domain, args.test_domain)
+    """Read the benchmark (a folder: with the run's saved split on --resume/--evaluate), every
+    --eval-datasets target (a missing one stops the run here, before training) and the backbone; the
+    benchmark's template is --template's when given, and every class name must fit it in the text
+    context."""
+    run_dir = args.resume or args.evaluate
+    split_file = Path(run_dir) / FOLDER_SPLIT if run_dir else None
+    benchmark = load_dataset(args.dataset, args.root, args.download, args.train_domain, args.test_domain,
+                             split_file=split_file)
+    if getattr(args, "template", None):
+        benchmark = dataclasses.replace(benchmark, template=args.template)
     targets = {name: load_dataset(name, args.root, download=args.download) for name in eval_datasets(args)}
     backbone = load_backbone(args.model, args.pretrained, device)
+    check_prompts(backbone, benchmark.classnames, benchmark.template)
     train_classes = PROTOCOLS[args.protocol]
     _, train_names = subsample_classes(benchmark.test, benchmark.classnames, train_classes)
     return Task(benchmark, targets, backbone, train_classes, train_names)
 
 
+def check_prompts(backbone: Backbone, classnames: list, template: str) -> None:
+    """Refuse a class name whose prompt (the template with the name) does not fit the text context."""
+    ids = backbone.tokenize([template.format(c.replace("_", " ")) for c in classnames])
+    cut = [c for c, eot in zip(classnames, ids.argmax(-1).tolist()) if eot >= ids.shape[1] - 1]
+    require(not cut, f"the class name {(cut or [''])[0]!r} is too long for the text context of {ids.shape[1]} "
+            f"tokens in the prompt {template!r}: shorten it (a folder's classnames.txt can name it)")
+
+
+RUN_CLASSES = "classes.json"  # a run's training class names and template (what --predict reads)
+
+
 def training_items(task: Task, args, cache) -> list:
     """The training images: --shots per class sampled on all classes (0: the whole split; `cache`: the
-    run's fewshot.json), then those of the training classes, relabelled from 0."""
+    run's fewshot.json), then those of the training classes, relabelled from 0. Beside `cache` go the
+    run's class names and template (RUN_CLASSES) and a folder dataset's split (FOLDER_SPLIT)."""
+    if cache is not None:
+        run = Path(cache).parent
+        atomic_write_text(json.dumps({"classnames": task.train_names, "template": task.benchmark.template}),
+                          run / RUN_CLASSES)
+        if task.benchmark.folder and not (run / FOLDER_SPLIT).exists():
+            save_folder_split(task.benchmark, run / FOLDER_SPLIT)
     items = task.benchmark.train
     if args.shots:
         items = fewshot(items, args.shots, args.seed, cache=cache)
@@ -2040,8 +2215,8 @@ def epoch_bar(args, start: int):
 def epoch_fit(losses: list, correct, seen: int, epoch: int, lr=None, started=None, **terms) -> dict:
     """The epoch's training loss and accuracy (%) from its steps' loss tensors (one wait for the device
     per epoch), with its lr, its seconds since `started` (time.time() at its start) and a method's
-    own loss terms (name=list of step tensors, averaged); a non-finite loss stops the run (UsageError)
-    before anything is recorded as a result."""
+    own loss terms (name=list of step tensors, or a tensor of step values, averaged); a non-finite
+    loss stops the run (UsageError) before anything is recorded as a result."""
     losses = torch.stack(losses).cpu()
     if not torch.isfinite(losses).all():
         bad = int((~torch.isfinite(losses)).nonzero()[0])
@@ -2049,7 +2224,7 @@ def epoch_fit(losses: list, correct, seen: int, epoch: int, lr=None, started=Non
         raise UsageError(f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}{at}; "
                          "nothing was recorded as a result. Lower --lr.")
     fit = {"loss": round(float(losses.mean()), 4), "acc": round(100 * float(correct) / max(seen, 1), 2)}
-    fit.update({name: round(float(torch.stack(values).float().mean()), 4) for name, values in terms.items()})
+    fit.update({name: round(float(torch.stack(list(values)).float().mean()), 4) for name, values in terms.items()})
     if lr is not None:
         fit["lr"] = float(lr)
     if started is not None:
@@ -2172,10 +2347,10 @@ def result_record(method: str, args, task: Task, rows: dict, ours: str, splits: 
     extra = [*benchmark.shifts, *benchmark.groups, *(["mean"] if benchmark.mean_of else [])]
     head = ["base", "new", "hm"] if args.protocol == "base2new" else ["all"]
     shots = f"{args.shots} shots" if args.shots else "all shots"
-    print_results(f"{args.dataset} ({args.protocol}), {shots}, seed {args.seed}, epoch {args.epochs}, "
-                  f"{backbone.name}/{backbone.pretrained}", rows, [*head, *extra, *task.targets])
+    print_results(f"{dataset_name(args.dataset)} ({args.protocol}), {shots}, seed {args.seed}, epoch "
+                  f"{args.epochs}, {backbone.name}/{backbone.pretrained}", rows, [*head, *extra, *task.targets])
     row = rows[ours]
-    return dict(method=method, protocol=args.protocol, dataset=args.dataset, backbone=backbone.name,
+    return dict(method=method, protocol=args.protocol, dataset=dataset_name(args.dataset), backbone=backbone.name,
                 pretrained=backbone.pretrained, shots=args.shots, seed=args.seed, epoch=args.epochs,
                 base=row.get("base"), new=row.get("new"), hm=row["hm"], all=row.get("all"),
                 shifts={s: row[s] for s in extra if s in row},
@@ -2200,6 +2375,141 @@ def finish_run(out: Path, record: dict, args, start_time: float) -> dict:
     append_result(Path(args.results_file or out.parent / "results.jsonl"), record)
     print(f"wrote {out / 'results.json'}, {out / 'checkpoint.pt'}")
     return record
+
+
+# ==================================================================================================
+# 9. Prediction: a finished run as a classifier (--predict RUN_DIR IMAGE..., a method's load_classifier)
+# ==================================================================================================
+
+
+@dataclass
+class Run:
+    """A finished run as prediction reads it: its folder, saved settings, learned tensors, backbone
+    (on `device`), training class names and hand-written template."""
+    folder: Path
+    args: argparse.Namespace
+    learned: dict
+    backbone: Backbone
+    classnames: list
+    template: str
+    device: torch.device
+
+
+def load_run(run_dir, device=None) -> Run:
+    """Read a finished run folder (its checkpoint, and RUN_CLASSES; a run without that file takes its
+    class names from its benchmark) and load its backbone on `device` (default: cuda if present)."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise MissingFileError(f"{run_dir}: no such run folder (the folder a method file's run wrote: "
+                               "runs/<method>-<dataset>-... or its --output-dir)")
+    saved = load_checkpoint(folder / "checkpoint.pt")
+    args = argparse.Namespace(**saved["args"])
+    require(saved["epoch"] >= args.epochs, f"{folder} stopped after epoch {saved['epoch']} of {args.epochs}: "
+            f"finish it with --resume {folder}")
+    device = run_device(device)
+    backbone = load_backbone(args.model, args.pretrained, device)
+    if (folder / RUN_CLASSES).exists():
+        names = json.loads((folder / RUN_CLASSES).read_text())
+        classnames, template = names["classnames"], names["template"]
+    else:
+        benchmark = load_dataset(args.dataset, args.root, split_file=folder / FOLDER_SPLIT)
+        template = getattr(args, "template", None) or benchmark.template
+        classnames = subsample_classes(benchmark.test, benchmark.classnames, PROTOCOLS[args.protocol])[1]
+    return Run(folder, args, saved["learned"], backbone, classnames, template, device)
+
+
+class RunClassifier:
+    """A trained run as a plain callable: classifier(images) -> probabilities [N, C] over
+    classifier.classnames (the run's training classes, or any names assigned to it). images: PIL
+    images or image paths (opened and transformed as the evaluation does, make_transform(train=False)),
+    or a batch [N, 3, S, S] already transformed. `model` follows data.evaluate's contract (model(x,
+    text_features) -> logits, or log-probabilities); text_features(classnames) gives its second
+    argument, computed once per call as the evaluation does once per test split."""
+
+    def __init__(self, model, run: Run, text_features: Callable, classnames=None, batch_size: int = 100):
+        mine = {name for name, p in model.named_parameters() if p.requires_grad}
+        require(mine == set(run.learned), f"{run.folder} was not trained by this method file (its learned "
+                f"tensors: {', '.join(sorted(run.learned)[:3])}, ...): predict with the file that trained it")
+        load_learned(model, run.learned)
+        self.model, self.run, self.text_features, self.batch_size = model.eval(), run, text_features, batch_size
+        self.transform = make_transform(run.backbone, train=False)
+        self.classnames = run.classnames if classnames is None else classnames
+
+    @property
+    def classnames(self) -> list:
+        return self._classnames
+
+    @classnames.setter
+    def classnames(self, names) -> None:
+        names = [str(n).strip() for n in names]
+        twice = [n for n in names if names.count(n) > 1]
+        require(len(names) >= 2 and all(names) and not twice, f"class names must be two or more distinct, "
+                f"non-empty names, got {names[:5]}{' ...' if len(names) > 5 else ''}")
+        check_prompts(self.run.backbone, names, self.run.template)
+        self._classnames = names
+
+    def _batches(self, images):
+        if torch.is_tensor(images):
+            yield from images.split(self.batch_size)
+            return
+        images = list(images)
+        for i in range(0, len(images), self.batch_size):
+            yield torch.stack([self.transform(im.convert("RGB") if isinstance(im, Image.Image) else open_rgb(im))
+                               for im in images[i:i + self.batch_size]])
+
+    @torch.no_grad()
+    def __call__(self, images) -> torch.Tensor:
+        device = self.run.device
+        with autocast(device):
+            features = self.text_features(self.classnames)
+            logits = [self.model(x.to(device), features).float() for x in self._batches(images)]
+        return torch.cat(logits).softmax(-1).cpu()
+
+
+def read_classes(value: str) -> list:
+    """--classes: names separated by commas, or a file of one name per line ('folder<TAB>name' lines,
+    as a folder's classnames.txt, give the name)."""
+    if Path(value).expanduser().is_file():
+        lines = Path(value).expanduser().read_text(encoding="utf-8").splitlines()
+        return [line.split("\t")[-1].strip() for line in lines if line.strip()]
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def image_files(paths) -> list:
+    """The image files among `paths` (a folder: its images, sorted, subfolders included); one line for
+    a path that does not exist or a file that is not an image."""
+    files, extensions = [], _image_extensions()
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(Path(top) / f for top, _, names in os.walk(p) for f in names if not f.startswith("."))
+            files += [str(f) for f in found if f.suffix.lower() in extensions]
+            continue
+        if not p.exists():
+            raise MissingFileError(f"{p}: no such image or folder")
+        require(p.suffix.lower() in extensions, f"{p} is not an image (by its extension): give image files "
+                "or folders of them after the run folder")
+        files.append(str(p))
+    require(files, f"no images in {', '.join(map(str, paths))}")
+    return files
+
+
+def predict(args, load_classifier: Callable) -> torch.Tensor:
+    """--predict RUN_DIR IMAGE...: print each image's --top-k classes with their probabilities, among
+    the run's training classes or --classes. load_classifier(run_dir, classnames, device): the
+    method file's. Returns the probabilities [N, C]."""
+    run_dir, *paths = args.predict
+    require(paths, "--predict RUN_DIR IMAGE...: name images (or folders of them) after the run folder")
+    if not Path(run_dir).is_dir():
+        load_run(run_dir)  # its one line, before the images'
+    check_int("--top-k", args.top_k, 1)
+    files = image_files(paths)
+    classifier = load_classifier(run_dir, read_classes(args.classes) if args.classes else None, args.device)
+    probs = classifier(files)
+    top = probs.topk(min(args.top_k, probs.shape[1]), dim=-1)
+    for path, values, indices in zip(files, top.values.tolist(), top.indices.tolist()):
+        lines = [f"  {100 * p:6.2f} %  {classifier.classnames[i]}" for p, i in zip(values, indices)]
+        print("\n".join([path, *lines]))
+    return probs
 
 
 # ==================================================================================================

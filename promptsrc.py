@@ -459,6 +459,8 @@ def learning_rate(epoch, args):
 
 # ---------------------------------------------------------------------------------------- the run
 def main(args):
+    if args.predict:  # --predict RUN_DIR IMAGE...: a finished run as a classifier
+        return data.predict(args, load_classifier)
     start_time = time.time()
     args, saved, out, device = data.start_run(args, method_name(args), resolve_settings,
                                               check_settings)  # --resume: the run's own settings
@@ -519,6 +521,19 @@ def build(backbone, classnames, args, device):
     if not args.ivlp:
         model.set_frozen_text_features(classnames, frozen_templates(args.dataset))
     return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
+
+
+def load_classifier(run_dir, classnames=None, device=None):
+    """A finished run as a callable: images (PIL, paths or a batch) -> probabilities [N, C] over
+    .classnames, with the GPA prompts the run ended with, as its evaluation (data.RunClassifier).
+    No frozen text features: they serve training only."""
+    run = data.load_run(run_dir, device)
+    model = PromptedCLIP(run.backbone.model, run.backbone.tokenize, run.classnames, run.args)
+
+    def text_features(names):
+        model.prompt_learner.set_classes(names)
+        return model.class_text_features()
+    return data.RunClassifier(model.to(run.device), run, text_features, classnames)
 
 
 def evaluate_run(model, task, args) -> dict:

@@ -295,6 +295,8 @@ def check_settings(args):
 
 # --------------------------------------------------------------------------------------- the run
 def main(args):
+    if args.predict:  # --predict RUN_DIR IMAGE...: a finished run as a classifier
+        return data.predict(args, load_classifier)
     start_time = time.time()
     rank, world_size = data.setup_distributed()
     tag = "proreg" if args.method == "proreg" else f"proreg-{args.method}"
@@ -338,6 +340,30 @@ def main(args):
         record = evaluate_run(model, frozen, splits, task, args, device, processes=world_size,
                               selected=data.select_model(model, out, best), **memory)
         return data.finish_run(out, record, args, start_time)
+
+
+def load_classifier(run_dir, classnames=None, device=None):
+    """A finished run as a callable (data.RunClassifier): images (PIL, paths or a batch) ->
+    probabilities [N, C] over .classnames, from the model its evaluation tested (best.pt where
+    validation selected it): a trained class by its head row, any other name by its zero-shot prompt
+    feature, as evaluate_run scores new classes (--method ensemble: the fine-tuned model alone)."""
+    run = data.load_run(run_dir, device)
+    data.require(run.args.method != "promptless", f"{run_dir}: --method promptless has a new head "
+                 "for its training classes, no class names: predict with another method's run")
+    if (run.folder / "best.pt").exists():
+        run.learned = data.load_checkpoint(run.folder / "best.pt")
+    clip, tokenize = run.backbone.model, run.backbone.tokenize
+    model = FineTunedCLIP(clip, prompt_features(clip, tokenize, run.classnames, run.template),
+                          run.args.method != "linear_probe")
+
+    def text_features(names):
+        head = dict(zip(run.classnames, model.class_text_features()))
+        new = [n for n in names if n not in head]
+        if new:
+            zs = prompt_features(clip, tokenize, new, run.template)  # new names: as evaluate_run
+            head.update(zip(new, F.normalize(zs, dim=-1)))
+        return torch.stack([head[n] for n in names])
+    return data.RunClassifier(model.to(run.device), run, text_features, classnames)
 
 
 def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank, world_size, say):

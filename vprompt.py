@@ -368,6 +368,8 @@ def learning_rate(epoch, args):
 
 # ------------------------------------------------------------------------------------------ the run
 def main(args):
+    if args.predict:  # --predict RUN_DIR IMAGE...: a finished run as a classifier
+        return data.predict(args, load_classifier)
     start_time = time.time()
     args, saved, out, device = data.start_run(args, method_name(args), resolve_settings,
                                               check_settings)
@@ -412,6 +414,20 @@ def build(backbone, classnames, args, device):
     """The model for these classes and its optimiser (what main trains; bench_steps.py too)."""
     model = PromptedCLIP(backbone.model, backbone.tokenize, classnames, args).to(device)
     return model, sgd([p for p in model.parameters() if p.requires_grad], args, device)
+
+
+def load_classifier(run_dir, classnames=None, device=None):
+    """A finished run as a callable: images (PIL, paths or a batch) -> probabilities [N, C] over
+    .classnames, the Monte Carlo average over L draws seeded with the run's seed at every call, as
+    the evaluation draws them per test split (data.RunClassifier)."""
+    run = data.load_run(run_dir, device)
+    model, _ = build(run.backbone, run.classnames, run.args, run.device)
+
+    def text_features(names):
+        model.prompt_learner.set_classes(names)
+        model.sampler.manual_seed(run.args.seed)
+        return model.class_text_features()
+    return data.RunClassifier(model, run, text_features, classnames)
 
 
 def evaluate_run(model, task, args, device) -> dict:

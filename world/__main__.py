@@ -1,10 +1,15 @@
 """`python -m world pretrain` (the tiny CLIP's pretraining; its defaults made the shipped checkpoint),
 `python -m world zero-shot` (the zero-shot table of world/README.md) and `python -m world prompts`
-(the untrained-prompt check of world/README.md). Run from the folder that holds data.py and world/."""
+(the untrained-prompt check of world/README.md), `python -m world export-folder DIR` (the task's images
+as a folder of class folders, for --dataset DIR). Run from the folder that holds data.py and world/."""
 import argparse
 import sys
+from pathlib import Path
 
-from world.shapes import WORLD_STYLES, world_combo_split, world_task_classes
+from PIL import Image
+
+from world.shapes import (WORLD_DEFAULT_STYLE, WORLD_STYLES, world_classname, world_combo_split, world_images,
+                          world_task_classes)
 from world.tiny_clip import (TINY_CHECKPOINT, load_tiny_clip, world_pretrain, world_prompt_sensitivity,
                              world_zero_shot)
 
@@ -60,7 +65,28 @@ def _cmd_prompts(argv) -> None:
               f"{100 * (acc['base'] - result['base']):+.2f} | {100 * (acc['new'] - result['new']):+.2f} |")
 
 
-COMMANDS = {"pretrain": _cmd_pretrain, "zero-shot": _cmd_zero_shot, "prompts": _cmd_prompts}
+def _cmd_export_folder(argv) -> None:
+    parser = argparse.ArgumentParser(prog="python -m world export-folder", description=(
+        "Write images of the 'shapes' task's 24 classes as PNG files in class folders (DIR/red_star/0000.png "
+        "...): a folder of your own images as --dataset DIR takes it."))
+    parser.add_argument("dir", help="the folder to create (must not exist)")
+    parser.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    parser.add_argument("--style", default=WORLD_DEFAULT_STYLE, choices=WORLD_STYLES, help="rendering style")
+    args = parser.parse_args(argv)
+    out = Path(args.dir)
+    if out.exists() or args.per_class < 1:
+        sys.exit(f"error: {out} exists (give a new folder)" if out.exists() else "error: --per-class must be >= 1")
+    pairs = world_task_classes()
+    images, labels = world_images(pairs, args.per_class, args.style, 0, "export")
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        folder = out / world_classname(*pairs[label]).replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i % args.per_class:04d}.png")
+    print(f"wrote {len(images)} images of {len(pairs)} classes to {out}")
+
+
+COMMANDS = {"pretrain": _cmd_pretrain, "zero-shot": _cmd_zero_shot, "prompts": _cmd_prompts,
+            "export-folder": _cmd_export_folder}
 
 
 def main(argv=None) -> None:
