@@ -22,10 +22,6 @@ favours the later, not the last, epochs.
   python promptsrc.py --protocol all --shots 4            # few-shot on all classes (50 epochs)
   python promptsrc.py --protocol cross --dataset imagenet --root ~/data  # cross-dataset transfer
 
-The protocols (--protocol, as in coop.py) take their official configs' settings: base2new
-vit_b16_c2_ep20_batch4_4+4ctx; all ..._ep50_batch4_4+4ctx_few_shot (50 epochs, GPA mu 30 sigma 30;
-45 / 5 on Cars, Flowers, Aircraft, DTD, EuroSAT); cross ..._cross_datasets (depth 3, GPA 6 / 10).
-
 Differs from the official code (muzairkhattak/PromptSRC) in:
 - open_clip instead of OpenAI's clip package (QuickGELU forced for the `openai` weights, as theirs).
 - precision: fp32 weights and prompts, bf16 autocast on CUDA (the templates' frozen text features
@@ -49,9 +45,7 @@ Differs from the official code (muzairkhattak/PromptSRC) in:
   PyTorch code below (the same numbers to fp32 rounding; tested). Training images are decoded once;
   their random crops and flips are tensor ops on the device (data.train_batches: torchvision's
   distribution, other draws). A checkpoint after every epoch holds the GPA state too.
-
-Reading map: promptsrc_loss, train_step, PromptedCLIP, PromptLearner, TextEncoder and ImageEncoder
-(deep prompts: coop.py's shared text encoder has none), PromptAverage (GPA), then main (the recipe).
+The protocols (--protocol, as coop.py's) take their official configs' settings (PROTOCOL_SETTINGS).
 """
 import argparse
 import functools
@@ -91,16 +85,12 @@ def logit_loss(logits, frozen_logits, labels):
     distribution, KL(softmax(z) || softmax(z_p)) summed over the batch and divided by B*C (the
     official normalisation, so a small weight), at temperature 1 on logits that already carry CLIP's
     scale. One fused kernel where possible; the same in PyTorch otherwise."""
-    if use_kernels(logits.device):  # labels unchecked: that would wait for the device
+    # fused where Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1); labels unchecked (a sync)
+    if kernels is not None and kernels.kernel_available(logits.device):
         return kernels.promptsrc_logit_loss(logits, frozen_logits, labels, check_labels=False)
     scl_logits = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(frozen_logits, dim=1),
                           reduction="sum", log_target=True) / logits.numel()
     return F.cross_entropy(logits, labels) + scl_logits
-
-
-def use_kernels(device):
-    """The fused Triton kernels run where they can (CUDA, or the CPU under TRITON_INTERPRET=1)."""
-    return kernels is not None and kernels.kernel_available(device)
 
 
 def train_step(model, optimizer, x, y, frozen_image_features=None):
@@ -326,7 +316,7 @@ class PromptAverage:
 
 def prompt_average(params, args, device):
     """GPA over the learned prompts: one fused kernel launch per epoch where possible."""
-    if use_kernels(device):
+    if kernels is not None and kernels.kernel_available(device):
         return kernels.GaussianPromptAverage(params, args.epochs, args.gpa_mean, args.gpa_std)
     return PromptAverage(params, args.epochs, args.gpa_mean, args.gpa_std)
 
@@ -485,9 +475,9 @@ def main(args):
     step = functools.partial(train_step, model, optimizer)
     if kernels is not None and device.type == "cuda" and not args.eager:
         step = kernels.CapturedStep(train_step, model, optimizer)  # the same step, as a CUDA graph
-    prompts = model.prompt_learner
-    print(f"learning {sum(p.numel() for p in learned):,} parameters (prompts in "
-          f"{len(prompts.text_prompts) + 1} text, {len(prompts.vision_prompts)} image blocks)")
+    depths = len(model.prompt_learner.text_prompts) + 1, len(model.prompt_learner.vision_prompts)
+    print(f"learning {sum(p.numel() for p in learned):,} parameters (prompts in %d text and %d "
+          "image blocks)" % depths)
     start_epoch = data.restore_checkpoint(saved, model, optimizer, train_loader.generator)
     if saved and gpa is not None:  # GPA's running average, as it was after the saved epoch
         torch._foreach_copy_(gpa.averages, saved["extra"]["averages"])
@@ -524,9 +514,8 @@ def build(backbone, classnames, args, device):
 
 
 def load_classifier(run_dir, classnames=None, device=None):
-    """A finished run as a callable: images (PIL, paths or a batch) -> probabilities [N, C] over
-    .classnames, with the GPA prompts the run ended with, as its evaluation (data.RunClassifier).
-    No frozen text features: they serve training only."""
+    """A finished run as a callable (data.RunClassifier): images -> probabilities [N, C] over
+    .classnames, with the GPA prompts the run ended with, as its evaluation."""
     run = data.load_run(run_dir, device)
     model = PromptedCLIP(run.backbone.model, run.backbone.tokenize, run.classnames, run.args)
 

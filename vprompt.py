@@ -15,14 +15,12 @@ stay near the hand-written one. Two variants (one flag):
 - conditional (--conditional, "cocoopvpt"): mu(x) and logvar(x) come from two small networks on the
   image feature, as CoCoOp's meta-net: each image gets its own posterior and its own prompts.
 
-  python vprompt.py                                      # offline world (tiny CLIP), standard
-  python vprompt.py --conditional                        # offline world, conditional
+  python vprompt.py [--conditional]                      # offline world (tiny CLIP)
   python vprompt.py --dataset caltech101 --root ~/data   # paper: ViT-B/16 openai, 16 shots, L 20
   python vprompt.py --resume RUN_DIR    # continue a killed run (--evaluate RUN_DIR: same numbers)
   python vprompt.py --protocol cross --dataset imagenet --root ~/data    # cross-dataset transfer
 
-Protocols as coop.py: base2new (default; Table 1), all, cross (Tables 2, 3). No --csc or
---class-token-position: the official VPT has neither.
+Protocols as coop.py's (base2new, all, cross); no --csc or --class-token-position (VPT has neither).
 
 Differs from the official code (saic-fi/Bayesian-Prompt-Learning, trainers/vpt.py) in:
 - open_clip and fp32 learned tensors with bf16 autocast on CUDA (official: OpenAI's clip in fp16);
@@ -41,16 +39,14 @@ Differs from the official code (saic-fi/Bayesian-Prompt-Learning, trainers/vpt.p
   variant draws one set of L residuals per split for all its images (official: fresh ones per
   image), so the L*C text passes run once per split: each prediction has the same expectation, but
   the errors are correlated across the split's images (more run-to-run variance).
-- names: posterior_mean / posterior_logvar (official mean_posterior / std_posterior, which holds the
-  log-variance), meta_net.mean / .logvar (official Amortized.weight_mean / weight_log_variance).
+- names: posterior_mean / _logvar (official mean_posterior / std_posterior, a log-variance too),
+  meta_net.mean / .logvar (official Amortized.weight_mean / weight_log_variance).
 - L and the epochs per dataset (DATASET_SETTINGS) come from the official scripts' commands (VPT.md),
   not its configs; both variants use them (the released scripts run the standard one).
 - on CUDA the step is recorded once as a CUDA graph and replayed (kernels.CapturedStep), fresh
   draws at every replay (graph-safe generator offsets). Training images are decoded once, their
   random crops and flips tensor ops on the device (data.train_batches: torchvision's distribution).
-
-Reading map: PromptedCLIP (the samples, the predictive), train_step (the objective), PromptLearner
-(the prompts, the posterior); main (the recipe); data.py (run machinery)."""
+"""
 import argparse
 import functools
 import math
@@ -92,9 +88,8 @@ class PromptedCLIP(nn.Module):
 
     def residuals(self, mean, logvar):
         """L samples r = mu + exp(logvar / 2) eps, eps ~ N(0, I), of each posterior: [n, d] ->
-        [n, L, d] (the gradient reaches mu and logvar). Training draws from torch's generator on the
-        device (in every checkpoint); evaluation from self.sampler, one posterior at a time, so that
-        no number depends on how the test set is batched."""
+        [n, L, d]. Training draws from torch's generator on the device (checkpointed); evaluation
+        from self.sampler, a posterior at a time: no number depends on the test batching."""
         n, d = mean.shape
         if self.training:
             eps = torch.randn(n, self.samples, d, device=mean.device)
@@ -255,8 +250,7 @@ class PromptLearner(nn.Module):
 
 
 def inference_block(n_in, n_out):
-    """One head of the amortised posterior (the official InferenceBlock): Linear(D, D/2) - ELU -
-    Linear(D/2, D/2) - ELU - Linear(D/2, d)."""
+    """A head of the amortised posterior (official InferenceBlock): D -> D/2 -> D/2 -> d, ELUs."""
     hidden = n_in // 2
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ELU(inplace=True), nn.Linear(hidden, hidden),
                          nn.ELU(inplace=True), nn.Linear(hidden, n_out))
@@ -417,9 +411,8 @@ def build(backbone, classnames, args, device):
 
 
 def load_classifier(run_dir, classnames=None, device=None):
-    """A finished run as a callable: images (PIL, paths or a batch) -> probabilities [N, C] over
-    .classnames, the Monte Carlo average over L draws seeded with the run's seed at every call, as
-    the evaluation draws them per test split (data.RunClassifier)."""
+    """A finished run as a callable (data.RunClassifier): images -> probabilities [N, C] over
+    .classnames, the Monte Carlo average of L draws seeded as the evaluation's (at every call)."""
     run = data.load_run(run_dir, device)
     model, _ = build(run.backbone, run.classnames, run.args, run.device)
 

@@ -37,8 +37,8 @@ def test_a_folder_is_split_50_20_30_per_class_with_a_fixed_seed_and_names_from_f
     (tmp_path / "my-shapes" / "red_triangle").rename(tmp_path / "my-shapes" / "red-triangle")  # '-' too
     bench = data.load_dataset(str(tmp_path / "my-shapes"), root=None)
     assert bench.name == "my-shapes" and bench.augment and bench.template == "a photo of a {}."
-    assert sorted(names) == ["red cross", "red heart", "red star", "red triangle"]
-    assert bench.classnames == ["red triangle", "red cross", "red heart", "red star"]  # folders sorted, _ - spaces
+    assert names == ["red triangle", "red star", "red cross", "green triangle"]  # World v3's first four
+    assert bench.classnames == ["green triangle", "red triangle", "red cross", "red star"]  # folders sorted, _ - spaces
     for label in range(4):
         sizes = [sum(it.label == label for it in split) for split in (bench.train, bench.val, bench.test)]
         assert sizes == [5, 2, 3]
@@ -49,8 +49,8 @@ def test_a_folder_is_split_50_20_30_per_class_with_a_fixed_seed_and_names_from_f
     assert (again.train, again.val, again.test) == (bench.train, bench.val, bench.test)
     assert data.dataset_name(str(tmp_path / "my-shapes")) == "my-shapes" and data.dataset_name("dtd") == "dtd"
     (tmp_path / "my-shapes" / "classnames.txt").write_text(
-        "red_cross\tcross of red\n\nred_heart\tred heart shape\nred-triangle\tt\nred_star\t r s \nother\tunused\n")
-    assert data.load_dataset(str(tmp_path / "my-shapes"), None).classnames == ["t", "cross of red", "red heart shape",
+        "red_cross\tcross of red\n\ngreen_triangle\tgreen tri\nred-triangle\tt\nred_star\t r s \nother\tunused\n")
+    assert data.load_dataset(str(tmp_path / "my-shapes"), None).classnames == ["green tri", "t", "cross of red",
                                                                                "r s"]
 
 

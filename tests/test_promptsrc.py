@@ -179,7 +179,7 @@ def random_terms(B=6, C=5, D=16, seed=0):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_each_loss_term_equals_its_formula_on_random_tensors(monkeypatch, fused):
-    monkeypatch.setattr(promptsrc, "use_kernels", lambda device: fused)
+    monkeypatch.setattr(promptsrc.kernels, "kernel_available", lambda device: fused)
     logits, y, frozen_logits, text, frozen_text, image, frozen_image = random_terms()
     B, C = logits.shape
     dtype = torch.float32  # the kernel's precision
@@ -202,7 +202,7 @@ def test_each_loss_term_equals_its_formula_on_random_tensors(monkeypatch, fused)
 
 def test_the_regularisers_pull_the_prompted_features_towards_the_frozen_ones(monkeypatch):
     """Gradient steps on L_SCL alone (no CE) bring the prompted features and logits closer to the frozen."""
-    monkeypatch.setattr(promptsrc, "use_kernels", lambda device: False)
+    monkeypatch.setattr(promptsrc.kernels, "kernel_available", lambda device: False)
     _, y, frozen_logits, text, frozen_text, image, frozen_image = random_terms(seed=3)
     text, image = text.float().requires_grad_(), image.float().requires_grad_()
     frozen_text, frozen_image, frozen_logits = frozen_text.float(), frozen_image.float(), frozen_logits.float()
@@ -227,7 +227,7 @@ def fixed_batch(model, n=4, seed=5):
 
 
 def step_once(clip, monkeypatch, fused, ivlp=False, frozen=True):
-    monkeypatch.setattr(promptsrc, "use_kernels", lambda device: fused)
+    monkeypatch.setattr(promptsrc.kernels, "kernel_available", lambda device: fused)
     model = prompted(clip, ivlp=ivlp)
     model.set_frozen_text_features(NAMES, ["a photo of a {}.", "a drawing of a {}."])
     learned = [p for p in model.parameters() if p.requires_grad]

@@ -95,7 +95,8 @@ def test_a_run_stopped_mid_training_cannot_be_evaluated(tmp_path, tiny, monkeypa
         coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "2")))
     with pytest.raises(data.UsageError, match="stopped after epoch 1 of 2: finish it with --resume"):
         coop.main(coop.parse_args(["--evaluate", str(run), *COMMON]))
-    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoint.pt", "fewshot.json", "log.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoint.pt", "classes.json", "fewshot.json",
+                                                     "log.jsonl"]
 
 
 def test_a_resumed_run_keeps_its_saved_settings_and_takes_only_local_ones(tmp_path, tiny):
