@@ -1747,9 +1747,9 @@ def check_run_args(args, min_epochs=1, min_shots=1) -> None:
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
     check_int("--workers", args.workers, 0)
     check_int("--seed", args.seed, 0)
-    require(not getattr(args, "classes", None), "--classes goes with --predict RUN_DIR IMAGE... (class names "
+    require(not args.classes, "--classes goes with --predict RUN_DIR IMAGE... (class names "
             "to classify among); a training run takes its classes from --dataset")
-    template = getattr(args, "template", None)
+    template = args.template
     require(template is None or (isinstance(template, str) and template.count("{}") == 1 and
                                  "{" not in template.replace("{}", "", 1)),
             f"--template must hold one '{{}}' where the class name goes (e.g. 'a photo of a {{}}.'), got {template!r}")
@@ -1877,7 +1877,7 @@ def load_task(args, device) -> Task:
     split_file = Path(run_dir) / FOLDER_SPLIT if run_dir else None
     benchmark = load_dataset(args.dataset, args.root, args.download, args.train_domain, args.test_domain,
                              split_file=split_file)
-    if getattr(args, "template", None):
+    if args.template:
         benchmark = dataclasses.replace(benchmark, template=args.template)
     targets = {name: load_dataset(name, args.root, download=args.download) for name in eval_datasets(args)}
     backbone = load_backbone(args.model, args.pretrained, device)
@@ -2396,8 +2396,8 @@ class Run:
 
 
 def load_run(run_dir, device=None) -> Run:
-    """Read a finished run folder (its checkpoint, and RUN_CLASSES; a run without that file takes its
-    class names from its benchmark) and load its backbone on `device` (default: cuda if present)."""
+    """Read a finished run folder (its checkpoint and RUN_CLASSES) and load its backbone on `device`
+    (default: cuda if present)."""
     folder = Path(run_dir)
     if not folder.is_dir():
         raise MissingFileError(f"{run_dir}: no such run folder (the folder a method file's run wrote: "
@@ -2406,15 +2406,12 @@ def load_run(run_dir, device=None) -> Run:
     args = argparse.Namespace(**saved["args"])
     require(saved["epoch"] >= args.epochs, f"{folder} stopped after epoch {saved['epoch']} of {args.epochs}: "
             f"finish it with --resume {folder}")
+    require((folder / RUN_CLASSES).exists(), f"{folder} has no {RUN_CLASSES} (its class names and template, "
+            "written when its training starts): not a run folder of these method files")
     device = run_device(device)
     backbone = load_backbone(args.model, args.pretrained, device)
-    if (folder / RUN_CLASSES).exists():
-        names = json.loads((folder / RUN_CLASSES).read_text())
-        classnames, template = names["classnames"], names["template"]
-    else:
-        benchmark = load_dataset(args.dataset, args.root, split_file=folder / FOLDER_SPLIT)
-        template = getattr(args, "template", None) or benchmark.template
-        classnames = subsample_classes(benchmark.test, benchmark.classnames, PROTOCOLS[args.protocol])[1]
+    names = json.loads((folder / RUN_CLASSES).read_text())
+    classnames, template = names["classnames"], names["template"]
     return Run(folder, args, saved["learned"], backbone, classnames, template, device)
 
 
