@@ -186,15 +186,15 @@ class PromptedCLIP(nn.Module):
 
 
 def train_step(model, optimizer, x, y):
-    """One SGD step on a batch already on the device. Returns (loss, number correct) as tensors, so
-    that nothing waits for the device here."""
+    """One SGD step on a batch already on the device. Returns the loss and its terms (CE alone here)
+    and the number correct, as tensors, so that nothing waits for the device here."""
     with data.autocast(x.device):
         logits = model(x)  # [B, C]
     loss = F.cross_entropy(logits.float(), y)  # CE over the base classes: CoOp's whole objective
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), (logits.argmax(-1) == y).sum()
+    return {"loss": loss.detach(), "ce": loss.detach()}, (logits.argmax(-1) == y).sum()
 
 
 def sgd(learned, args, device):
@@ -221,8 +221,7 @@ class TextEncoder(nn.Module):
         self.positional_embedding = clip.positional_embedding  # [L, d]
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection  # [d, D]
-        # [L, L], -inf above the diagonal
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [L, L], causal
 
     def forward(self, prompts, eot):
         """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions -> [N, D]"""
@@ -348,12 +347,11 @@ def main(args):
 
     for epoch in data.epoch_bar(args, start_epoch):
         lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
-        losses, correct, seen, started = [], 0, 0, time.time()
+        steps, seen, started = [], 0, time.time()  # each step's (loss terms, number correct)
         for x, y in train_loader:
-            loss, n_correct = step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            losses.append(loss)
-            correct, seen = correct + n_correct, seen + len(y)
-        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args), started)
+            steps.append(step(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            seen += len(y)
+        fit = data.epoch_fit(steps, seen, epoch, learning_rate(epoch, args), started)
         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
                              train_loader.generator, fit)
 

@@ -84,7 +84,7 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   (features, labels) batches; zero_shot_accuracy(backbone, classnames, template, batches)
   save_checkpoint(path, args, epoch, model, optimizer, generator, train, extra);
   restore_checkpoint(saved, model, optimizer, generator) -> epochs done; load_learned(model, learned)
-  epoch_bar(args, start); epoch_fit(losses, correct, seen, epoch, lr) -> {loss, acc} (stops on NaN)
+  epoch_bar(args, start); epoch_fit(steps, seen, epoch, lr) -> {loss, terms, acc} (stops on NaN)
   setup_distributed() -> (rank, world size); share_run(out, device, world_size); peak_memory(device)
   epoch_batches(n, batch_size, seed, epoch, rank, world_size); SeededItems; IndexedBatches (a whole
   split in global batches, DDP-split); normalised_encoder(visual); FixedHead(text_features, scale)
@@ -1654,7 +1654,7 @@ def results_table(records: list) -> str:
 #     batches = data.training_batches(task, items, args, device, frozen_encoder)
 #     start = data.restore_checkpoint(saved, model, optimizer, batches.generator)
 #     for epoch in data.epoch_bar(args, start):
-#         ... steps ...; fit = data.epoch_fit(losses, correct, seen, epoch, lr, started)
+#         steps.append(step(x, y)) ...; fit = data.epoch_fit(steps, seen, epoch, lr, started)
 #         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer, generator, fit)
 #     record = evaluate_run(...)   # its own: data.evaluation_sets, data.feature_batches, data.evaluate,
 #     data.finish_run(out, record, args, start_time)   # data.zero_shot_accuracy, data.result_record
@@ -1965,7 +1965,9 @@ def save_checkpoint(path, args, epoch: int, model, optimizer, generator=None, tr
 
 def append_log(path, entry: dict) -> None:
     """log.jsonl, one JSON line per epoch: the lines of earlier epochs, then `entry`, written whole
-    and atomically (a run resumed after a kill rewrites the epoch it repeats, never doubles it)."""
+    and atomically (a run resumed after a kill rewrites the epoch it repeats, never doubles it). A
+    run's line: {"epoch", "loss", "terms": {the loss's terms, e.g. "ce", "kl"}, "acc", "lr", "s"}
+    (epoch_fit; means over the epoch's steps, the terms unweighted as the method names them)."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < entry["epoch"]]
@@ -2212,19 +2214,25 @@ def epoch_bar(args, start: int):
     return tqdm(range(start, args.epochs), desc="train", initial=start, total=args.epochs)
 
 
-def epoch_fit(losses: list, correct, seen: int, epoch: int, lr=None, started=None, **terms) -> dict:
-    """The epoch's training loss and accuracy (%) from its steps' loss tensors (one wait for the device
-    per epoch), with its lr, its seconds since `started` (time.time() at its start) and a method's
-    own loss terms (name=list of step tensors, or a tensor of step values, averaged); a non-finite
-    loss stops the run (UsageError) before anything is recorded as a result."""
-    losses = torch.stack(losses).cpu()
+def epoch_fit(steps: list, seen: int, epoch: int, lr=None, started=None) -> dict:
+    """The epoch's training fit from its steps' outputs, train_step's (terms, number correct) with
+    terms a dict of 0-d device tensors: "loss", the step's loss, and the loss's terms as the method
+    names them (e.g. "ce", "kl"); one wait for the device per epoch. Returns {"loss": the steps' mean
+    loss, "terms": {name: the steps' mean}, "acc": accuracy (%), "lr", "s": seconds since `started`
+    (time.time() at its start)}, log.jsonl's line; a non-finite loss stops the run (UsageError)
+    before anything is recorded as a result."""
+    names = list(steps[0][0])  # "loss" and the method's terms
+    values = torch.stack([torch.stack([terms[n].float() for terms, _ in steps]) for n in names]).cpu()
+    correct = int(torch.stack([c for _, c in steps]).sum())
+    losses = values[names.index("loss")]
     if not torch.isfinite(losses).all():
         bad = int((~torch.isfinite(losses)).nonzero()[0])
         at = "" if lr is None else f" (lr {lr:.3g})"
         raise UsageError(f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}{at}; "
                          "nothing was recorded as a result. Lower --lr.")
-    fit = {"loss": round(float(losses.mean()), 4), "acc": round(100 * float(correct) / max(seen, 1), 2)}
-    fit.update({name: round(float(torch.stack(list(values)).float().mean()), 4) for name, values in terms.items()})
+    fit = {"loss": round(float(losses.mean()), 4),
+           "terms": {n: float(f"{float(v.mean()):.5g}") for n, v in zip(names, values) if n != "loss"},
+           "acc": round(100 * correct / max(seen, 1), 2)}
     if lr is not None:
         fit["lr"] = float(lr)
     if started is not None:
@@ -2367,7 +2375,7 @@ def finish_run(out: Path, record: dict, args, start_time: float) -> dict:
         print(f"wrote {out / 'eval.json'}")
         return record
     checkpoint = load_checkpoint(out / "checkpoint.pt")
-    record["train"] = checkpoint["train"]  # the last epoch's training loss and accuracy (%)
+    record["train"] = checkpoint["train"]  # the last epoch's training loss, its terms, accuracy (%)
     record["wall_s"] = round(time.time() - start_time, 1)
     record["train_s"] = round(sum(e.get("s", 0) for e in read_log(out)), 1)  # the epochs' own time
     atomic_write_text(json.dumps(record, indent=2), out / "results.json")

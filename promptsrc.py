@@ -71,32 +71,38 @@ PROMPTS_PER_PASS = 4096  # frozen text features: at most this many template prom
 def promptsrc_loss(logits, labels, frozen_logits, text_features, frozen_text_features,
                    image_features, frozen_image_features, text_loss_weight, image_loss_weight):
     """The paper's L = L_CE + L_SCL, L_SCL = L_SCL-logits + lambda_1 L_SCL-image + lambda_2
-    L_SCL-text (the official forward_backward). Features L2-normalised; everything in fp32."""
+    L_SCL-text (the official forward_backward), and its terms, unweighted: {"loss": L, "ce",
+    "scl_logits", "scl_text", "scl_image"}. Features L2-normalised; everything in fp32."""
     # CE + SCL-logits (mutual agreement of the logits)
-    loss = logit_loss(logits, frozen_logits, labels)
+    loss, terms = logit_loss(logits, frozen_logits, labels)
     # SCL-text: mean |g_p - g| over the C*D entries of the prompted and frozen (template mean) text
-    loss = loss + text_loss_weight * F.l1_loss(text_features, frozen_text_features)
+    terms["scl_text"] = F.l1_loss(text_features, frozen_text_features)
     # SCL-image: mean |f_p - f| over the B*D entries of the prompted and the frozen image features
-    return loss + image_loss_weight * F.l1_loss(image_features, frozen_image_features)
+    terms["scl_image"] = F.l1_loss(image_features, frozen_image_features)
+    loss = loss + text_loss_weight * terms["scl_text"] + image_loss_weight * terms["scl_image"]
+    return {"loss": loss, **terms}
 
 
 def logit_loss(logits, frozen_logits, labels):
-    """CE(z_p, y) + L_SCL-logits: the KL from the frozen model's to the prompted model's class
-    distribution, KL(softmax(z) || softmax(z_p)) summed over the batch and divided by B*C (the
-    official normalisation, so a small weight), at temperature 1 on logits that already carry CLIP's
-    scale. One fused kernel where possible; the same in PyTorch otherwise."""
+    """CE(z_p, y) + L_SCL-logits, and the two: {"ce", "scl_logits"}. L_SCL-logits: the KL from
+    the frozen model's to the prompted model's class distribution, KL(softmax(z) || softmax(z_p))
+    summed over the batch and divided by B*C (the official normalisation, so a small weight), at
+    temperature 1 on logits that carry CLIP's scale. One fused kernel where possible."""
     # fused where Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1); labels unchecked (a sync)
     if kernels is not None and kernels.kernel_available(logits.device):
-        return kernels.promptsrc_logit_loss(logits, frozen_logits, labels, check_labels=False)
+        loss, rows = kernels.promptsrc_logit_loss(logits, frozen_logits, labels, check_labels=False,
+                                                  return_stats=True)
+        return loss, {"ce": rows.ce.mean(), "scl_logits": rows.kl.mean() / logits.shape[1]}
+    ce = F.cross_entropy(logits, labels)
     scl_logits = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(frozen_logits, dim=1),
                           reduction="sum", log_target=True) / logits.numel()
-    return F.cross_entropy(logits, labels) + scl_logits
+    return ce + scl_logits, {"ce": ce, "scl_logits": scl_logits}
 
 
 def train_step(model, optimizer, x, y, frozen_image_features=None):
     """One SGD step on a batch already on the device: images x [B, 3, H, W], labels y [B] and,
     where they were computed once (no random augmentation), the frozen image features [B, D].
-    Returns (loss, number correct) as tensors, so that nothing waits for the device here."""
+    Returns promptsrc_loss's terms (IVLP: {"loss", "ce"}) and the number correct: device tensors."""
     scale = model.clip.logit_scale.exp()
     with data.autocast(x.device):
         text_features = model.class_text_features()  # [C, D] prompted
@@ -106,17 +112,17 @@ def train_step(model, optimizer, x, y, frozen_image_features=None):
             with torch.no_grad():
                 frozen_image_features = model.encode_image(x, prompted=False)
     if model.ivlp:  # IVLP: cross-entropy is the whole objective
-        loss = F.cross_entropy(logits, y)
+        terms = dict.fromkeys(["loss", "ce"], F.cross_entropy(logits, y))
     else:
         frozen_image_features = frozen_image_features.float()
         frozen_logits = scale * frozen_image_features @ model.frozen_text_features.t()
-        loss = promptsrc_loss(logits, y, frozen_logits, text_features, model.frozen_text_features,
-                              image_features, frozen_image_features, model.text_loss_weight,
-                              model.image_loss_weight)
+        terms = promptsrc_loss(logits, y, frozen_logits, text_features, model.frozen_text_features,
+                               image_features, frozen_image_features, model.text_loss_weight,
+                               model.image_loss_weight)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    terms["loss"].backward()
     optimizer.step()
-    return loss.detach(), (logits.argmax(-1) == y).sum()
+    return {k: v.detach() for k, v in terms.items()}, (logits.argmax(-1) == y).sum()
 
 
 class PromptedCLIP(nn.Module):
@@ -275,8 +281,7 @@ class ImageEncoder(nn.Module):
     def forward(self, images, prompts=None):
         """images [B, 3, H, W]; prompts [J, M, w] (block 0's first) or None -> features [B, D]."""
         v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # [B, w, grid, grid]
-        x = x.flatten(2).transpose(1, 2)  # [B, grid^2, w]
+        x = v.conv1(images.to(v.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, grid^2, w]
         cls = v.class_embedding.to(x.dtype).expand(len(x), 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # [B, 1 + grid^2, w]
         deep = prompts is not None and len(prompts) > 0
@@ -348,11 +353,9 @@ def sgd(learned, args, device):
 # and per-dataset settings of the official configs; a flag given on the command line wins over all.
 PAPER = dict(epochs=20, batch_size=4, prompt_depth_text=9, prompt_depth_vision=9, gpa_mean=15.0,
              gpa_std=1.0)
-PROTOCOL_SETTINGS = {
-    "base2new": {},
-    "all": dict(epochs=50, gpa_mean=30.0, gpa_std=30.0),  # ..._ep50_batch4_4+4ctx_few_shot.yaml
-    "cross": dict(prompt_depth_text=3, prompt_depth_vision=3, gpa_mean=6.0, gpa_std=10.0),
-}
+PROTOCOL_SETTINGS = {  # base2new: the paper's; all: ..._ep50_batch4_4+4ctx_few_shot.yaml
+    "base2new": {}, "all": dict(epochs=50, gpa_mean=30.0, gpa_std=30.0),
+    "cross": dict(prompt_depth_text=3, prompt_depth_vision=3, gpa_mean=6.0, gpa_std=10.0)}
 # The few-shot yaml's exceptions; the offline world (every 'shapes...' benchmark) runs the paper's.
 FEW_SHOT_GPA_45_5 = ("stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat")
 DATASET_SETTINGS = {name: {"all": dict(gpa_mean=45.0, gpa_std=5.0)} for name in FEW_SHOT_GPA_45_5}
@@ -392,8 +395,7 @@ def parse_args(argv=None):
       "(paper: 15; few-shot 30 or 45; cross-dataset 6)")
     a("--gpa-std", type=float, default=None, help="GPA: its standard deviation (paper: 1; few-shot "
       "30 or 5; cross-dataset 10)")
-    a("--lr", type=float, default=0.0025,
-      help="SGD learning rate after warm-up, cosine-annealed per epoch (paper: 0.0025)")
+    a("--lr", type=float, default=0.0025, help="SGD lr after warm-up, cosine (paper: 0.0025)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (Dassl default: 0.9)")
     a("--weight-decay", type=float, default=5e-4, help="SGD weight decay (Dassl default: 5e-4)")
     a("--warmup-epochs", type=int, default=1, help="constant warm-up epochs (paper: 1)")
@@ -485,19 +487,17 @@ def main(args):
 
     for epoch in data.epoch_bar(args, start_epoch):
         lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
-        losses, correct, seen, started = [], 0, 0, time.time()
+        steps, seen, started = [], 0, time.time()  # each step's (loss terms, number correct)
         for batch in train_loader:
-            loss, n_correct = step(*(t.to(device, non_blocking=True) for t in batch))
-            losses.append(loss)
-            correct, seen = correct + n_correct, seen + len(batch[1])
-        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args), started)
+            steps.append(step(*(t.to(device, non_blocking=True) for t in batch)))
+            seen += len(batch[1])
+        fit = data.epoch_fit(steps, seen, epoch, learning_rate(epoch, args), started)
         extra = None
         if gpa is not None:  # GPA: fold in this epoch's prompts; after the last, they are the model
             gpa.update(epoch + 1, learned)
             if epoch + 1 == args.epochs:
                 gpa.copy_to(learned)
-            extra = {"averages": [a.detach().cpu() for a in gpa.averages],
-                     "weight_seen": gpa.weight_seen}
+            extra = {"averages": [a.cpu() for a in gpa.averages], "weight_seen": gpa.weight_seen}
         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
                              train_loader.generator, fit, extra)
 

@@ -137,40 +137,42 @@ def proreg_terms(logits, zs_logits, labels, form="code"):
 
 
 def objective(logits, zs_logits, labels, args, use_kernel):
-    """The training loss of --method on fp32 logits [B, C] (student) and zs_logits [B, C] (teacher).
-    The fused kernels skip their label check (a host sync, not allowed in a CUDA graph)."""
+    """--method's training loss on fp32 logits [B, C] (student), zs_logits [B, C] (teacher) and its
+    terms: proreg's loss = ce + alpha kl, ce = mean((1 - w) CE), kl = mean(w KL), w the mean weight;
+    fixed: (1 - a) ce + a kl; others: ce. The fused kernels skip the label check (a host sync)."""
     if args.method not in ("proreg", "fixed"):  # CE only (official prompt_finetune, promptless...)
-        return F.cross_entropy(logits, labels)
-    if args.method == "fixed":  # (1 - a) CE + a KL, one global a (official knowledge_distill)
-        if use_kernel:
-            return kernels.fused_kl_ce(logits, zs_logits, labels, ce_weight=1 - args.fixed_alpha,
-                                       kl_weight=args.fixed_alpha, kl_form="soft_ce",
-                                       check_labels=False)
-        ce, kl, _ = proreg_terms(logits, zs_logits, labels)
-        return (1 - args.fixed_alpha) * ce.mean() + args.fixed_alpha * kl.mean()
-    if use_kernel:  # ProReg, fused: one pass over the logits, the gradient written in the forward
-        return kernels.proreg_loss(logits, zs_logits, labels, alpha=args.alpha, kl_form="soft_ce",
-                                   check_labels=False)
-    ce, kl, w = proreg_terms(logits, zs_logits, labels, args.weight)
-    return ((1 - w) * ce).mean() + args.alpha * (w * kl).mean()  # CE, prompt regularisation
+        return dict.fromkeys(["loss", "ce"], F.cross_entropy(logits, labels))
+    fixed, a = args.method == "fixed", args.fixed_alpha
+    if use_kernel:  # fused: one pass over the logits, the gradient written in the forward
+        fused = (functools.partial(kernels.fused_kl_ce, ce_weight=1 - a, kl_weight=a) if fixed
+                 else functools.partial(kernels.proreg_loss, alpha=args.alpha))
+        loss, (ce, kl, w) = fused(logits, zs_logits, labels, kl_form="soft_ce", check_labels=False,
+                                  return_stats=True)  # per sample: CE, KL, weight
+    else:
+        ce, kl, w = proreg_terms(logits, zs_logits, labels, "code" if fixed else args.weight)
+    if fixed:  # (1 - a) CE + a KL, one global a (official knowledge_distill)
+        ce, kl = ce.mean(), kl.mean()
+        return {"loss": loss if use_kernel else (1 - a) * ce + a * kl, "ce": ce, "kl": kl}
+    ce, kl = ((1 - w) * ce).mean(), (w * kl).mean()  # CE, prompt regularisation
+    return {"loss": loss if use_kernel else ce + args.alpha * kl, "ce": ce, "kl": kl, "w": w.mean()}
 
 
 def train_step(model, optimizer, x, y, zs_logits, args, use_kernel):
     """One AdamW step on this process's share of a batch (x [b, 3, H, W], y [b], zs_logits [b, C]),
-    in --grad-accum parts (DDP averages the gradients at the last) -> (loss, n correct) tensors."""
+    in --grad-accum parts (DDP averages the gradients at the last) -> (loss terms, n correct)."""
     optimizer.zero_grad(set_to_none=True)
-    parts, loss_sum, correct = args.grad_accum, 0.0, 0
+    parts, terms, correct = args.grad_accum, {}, 0
     for k, (xp, yp, zp) in enumerate(zip(x.chunk(parts), y.chunk(parts), zs_logits.chunk(parts))):
         ddp = isinstance(model, DistributedDataParallel)
         with model.no_sync() if ddp and k < parts - 1 else contextlib.nullcontext():
             with data.autocast(x.device):
                 logits = model(xp)  # [b / parts, C]
-            loss = objective(logits.float(), zp.float(), yp, args, use_kernel)
-            (loss / parts).backward()
-        loss_sum = loss_sum + loss.detach() / parts
+            part = objective(logits.float(), zp.float(), yp, args, use_kernel)
+            (part["loss"] / parts).backward()
+        terms = {n: terms.get(n, 0.0) + v.detach() / parts for n, v in part.items()}
         correct = correct + (logits.argmax(-1) == yp).sum()
     optimizer.step()
-    return loss_sum, correct
+    return terms, correct
 
 
 def adamw(model, args, device):
@@ -203,8 +205,7 @@ class TextEncoder(nn.Module):
         self.positional_embedding = clip.positional_embedding  # [L, d]
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection  # [d, D]
-        # [L, L], -inf above the diagonal
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [L, L], causal
 
     def forward(self, prompts, eot):
         """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions -> [N, D]"""
@@ -392,17 +393,16 @@ def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
     epochs = data.epoch_bar(args, start_epoch) if rank == 0 else range(start_epoch, args.epochs)
     for epoch in epochs:
         net.train()
-        losses, correct, seen, started = [], 0, 0, time.time()
+        fits, seen, started = [], 0, time.time()  # each step's (loss terms, number correct)
         for i, (x, y, zs_logits) in enumerate(train_set.batches(epoch, rank, world_size)):
             data.set_lr(optimizer, data.warmup_linear(epoch * steps + i, args.epochs * steps, args.warmup))
-            loss, n_correct = step(x, y, zs_logits)
-            losses.append(loss)
-            correct, seen = correct + n_correct, seen + len(y)
+            fits.append(step(x, y, zs_logits))
+            seen += len(y)
             if val and i + 1 in (steps // 2, steps):  # official val_check_interval 0.5
                 acc = data.evaluate(model, val)["acc"]
                 best = data.keep_best(out, model, acc, round(epoch + (i + 1) / steps, 2), best)
                 net.train()
-        fit = data.epoch_fit(losses, correct, seen, epoch, started=started)
+        fit = data.epoch_fit(fits, seen, epoch, started=started)
         if rank == 0:
             data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
                                  train=fit, extra={"best": best})

@@ -155,17 +155,19 @@ def kl_to_prior(mean, logvar):
 
 
 def train_step(model, optimizer, x, y):
-    """One SGD step on a batch already on the device: the paper's negative ELBO, with the official
-    weights. Returns (loss, number correct) as tensors: nothing waits for the device here."""
+    """One SGD step on a batch already on the device: the paper's negative ELBO (official weights).
+    Returns {"loss", "ce", "kl"} (loss = ce + KL_WEIGHT kl) and the number correct, as tensors."""
     with data.autocast(x.device):
         log_p, kl = model.predictive(x)  # [B, C] log of the L-sample mean of p(y | x, r_l); scalar
     # -log (1/L sum_l p(y | x, r_l)), the log of the Monte Carlo average (not the mean of the logs),
     # + beta KL(q || N(0, I)), averaged over the dimensions (and over the batch's posteriors)
-    loss = F.nll_loss(log_p, y) + KL_WEIGHT * kl
+    ce = F.nll_loss(log_p, y)
+    loss = ce + KL_WEIGHT * kl
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), (log_p.argmax(-1) == y).sum()
+    terms = {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
+    return terms, (log_p.argmax(-1) == y).sum()
 
 
 def sgd(learned, args, device):
@@ -271,8 +273,7 @@ class TextEncoder(nn.Module):
         self.positional_embedding = clip.positional_embedding  # [L, d]
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection  # [d, D]
-        # [L, L], -inf above the diagonal
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)  # [L, L], causal
 
     def forward(self, prompts, eot):
         """prompts: [N, n, d] token embeddings (n <= L); eot: [N] EOT positions -> [N, D]"""
@@ -392,12 +393,11 @@ def main(args):
 
     for epoch in data.epoch_bar(args, start_epoch):
         lr.fill_(learning_rate(epoch, args))  # Dassl steps the scheduler once per epoch
-        losses, correct, seen, started = [], 0, 0, time.time()
+        steps, seen, started = [], 0, time.time()  # each step's (loss terms, number correct)
         for x, y in train_loader:
-            loss, n_correct = step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            losses.append(loss)
-            correct, seen = correct + n_correct, seen + len(y)
-        fit = data.epoch_fit(losses, correct, seen, epoch, learning_rate(epoch, args), started)
+            steps.append(step(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            seen += len(y)
+        fit = data.epoch_fit(steps, seen, epoch, learning_rate(epoch, args), started)
         data.save_checkpoint(out / "checkpoint.pt", args, epoch + 1, model, optimizer,
                              train_loader.generator, fit)
 

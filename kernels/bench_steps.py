@@ -189,7 +189,7 @@ def bench_method(backbone, names, method, args, device):
             _, model, optimizer, _ = build(method, backbone, names, args, device)
             step = run(model, optimizer) if name == "eager" else kernels.CapturedStep(module.train_step, model,
                                                                                       optimizer)
-            losses[name] = torch.stack([step(x, y)[0] for x, y in batches]).float().cpu()
+            losses[name] = torch.stack([step(x, y)[0]["loss"] for x, y in batches]).float().cpu()
         out["loss_max_diff"] = float((losses["eager"] - losses["captured"]).abs().max())
         out["losses"] = losses["eager"].tolist(), losses["captured"].tolist()
     if device.type == "cuda" and method in ("coop", "cocoop"):  # the only methods with an official pattern here

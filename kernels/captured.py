@@ -7,8 +7,9 @@ fallback: `python coop.py --eager`, any CPU run, and a copy of a method file wit
 run that step as it is.
 
 What a step must do to be captured (said here once; every method file's train_step does it):
-- step(model, optimizer, *batch) -> tuple of tensors (e.g. the loss and the number correct), all on
-  the device: nothing in it may wait for the host (no .item(), no Python branch on a tensor's value);
+- step(model, optimizer, *batch) -> tuple of tensors or of dicts of tensors (e.g. the loss and its
+  terms, and the number correct), all on the device: nothing in it may wait for the host (no
+  .item(), no Python branch on a tensor's value);
 - the optimiser's lr lives in a device tensor that the schedule fills in place (torch.optim accepts a
   tensor lr; fused SGD and capturable Adam(W) read it on the GPU), so that each replay reads the
   epoch's or the step's value;
@@ -36,8 +37,9 @@ class CapturedStep:
         graph, inputs, outputs = self.graphs[shapes]
         for static, t in zip(inputs, batch):
             static.copy_(t, non_blocking=True)
-        graph.replay()
-        return tuple(t.clone() for t in outputs)
+        graph.replay()  # the outputs, copied out of the graph's buffers (the next replay rewrites them)
+        return tuple({k: v.clone() for k, v in t.items()} if isinstance(t, dict) else t.clone()
+                     for t in outputs)
 
     def warm_up(self, inputs, steps=3):
         """Run `steps` steps on `inputs`, then put the learned tensors and the optimiser state back."""

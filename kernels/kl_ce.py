@@ -402,15 +402,18 @@ def proreg_loss(student_logits: torch.Tensor, zs_logits: torch.Tensor, labels: t
 
 def promptsrc_logit_loss(prompted_logits: torch.Tensor, frozen_logits: torch.Tensor,
                          labels: Optional[torch.Tensor] = None, *, check_labels: bool = True,
-                         block: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
+                         return_stats: bool = False, block: Optional[int] = None,
+                         num_warps: Optional[int] = None):
     """PromptSRC's L_SCL-logits = F.kl_div(log_softmax(z_p), log_softmax(z), log_target=True,
-    reduction='sum') / (B*C) at T = 1; with labels, F.cross_entropy(z_p, labels) is added in the same pass."""
+    reduction='sum') / (B*C) at T = 1; with labels, F.cross_entropy(z_p, labels) is added in the same pass.
+    return_stats: (loss, KLCEStats) as fused_kl_ce's: per row the CE and the KL (not divided by C)."""
     if not isinstance(prompted_logits, torch.Tensor) or prompted_logits.dim() != 2:
         raise ValueError("prompted logits must be a 2-D tensor [B, C]")
     C = prompted_logits.shape[1]
     return fused_kl_ce(prompted_logits, frozen_logits, labels, temperature=1.0,
                        ce_weight=0.0 if labels is None else 1.0, kl_weight=1.0 / C, kl_form="kl",
-                       check_labels=check_labels, block=block, num_warps=num_warps)
+                       check_labels=check_labels, return_stats=return_stats, block=block,
+                       num_warps=num_warps)
 
 
 def _soft_ce(kl_form: str) -> bool:

@@ -109,7 +109,10 @@ def check_run(run, method, epochs=2):
                                                "log.jsonl"}
     import data
 
-    assert [e["epoch"] for e in data.read_log(run)] == list(range(1, epochs + 1))
+    log = data.read_log(run)
+    assert [e["epoch"] for e in log] == list(range(1, epochs + 1))
+    for e in log:  # CoOp's (CoCoOp's) loss is its CE, logged as its one term
+        assert set(e["terms"]) == {"ce"} and e["terms"]["ce"] == pytest.approx(e["loss"], abs=1e-4)
     assert len(json.loads((run / "fewshot.json").read_text())["items"]) == 2 * 4  # 2 shots x 4 classes
     lines = (run.parent / "results.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["base"] == results["base"]

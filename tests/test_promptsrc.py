@@ -188,15 +188,23 @@ def test_each_loss_term_equals_its_formula_on_random_tensors(monkeypatch, fused)
     ce = -log_q[torch.arange(B), y].mean()
     kl = (p * (log_p - log_q)).sum() / (B * C)  # KL(frozen || prompted), summed, divided by B*C
     assert kl > 0 and not math.isclose(kl, (log_q.exp() * (log_q - log_p)).sum() / (B * C), rel_tol=1e-3)
-    got = promptsrc.logit_loss(logits.to(dtype), frozen_logits.to(dtype), y)
+    got, parts = promptsrc.logit_loss(logits.to(dtype), frozen_logits.to(dtype), y)
     assert got.item() == pytest.approx((ce + kl).item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert parts["scl_logits"].item() == pytest.approx(kl.item(), rel=1e-4)
     scl_text = (text - frozen_text).abs().sum() / text.numel()  # 1/(C*d) sum_c |g_p,c - g_c|_1
     scl_image = (image - frozen_image).abs().sum() / image.numel()
     total = promptsrc.promptsrc_loss(logits.to(dtype), y, frozen_logits.to(dtype), text.to(dtype),
                                      frozen_text.to(dtype), image.to(dtype), frozen_image.to(dtype), 25.0, 10.0)
-    assert total.item() == pytest.approx((ce + kl + 25 * scl_text + 10 * scl_image).item(), rel=1e-5)
+    assert total["loss"].item() == pytest.approx((ce + kl + 25 * scl_text + 10 * scl_image).item(), rel=1e-5)
+    assert set(total) == {"loss", "ce", "scl_logits", "scl_text", "scl_image"}  # each term, unweighted
+    assert total["scl_text"].item() == pytest.approx(scl_text.item(), rel=1e-5)
+    assert total["scl_image"].item() == pytest.approx(scl_image.item(), rel=1e-5)
+    combined = total["ce"] + total["scl_logits"] + 25 * total["scl_text"] + 10 * total["scl_image"]
+    assert total["loss"].item() == pytest.approx(combined.item(), rel=1e-6)  # the terms make the loss
     only_text = promptsrc.promptsrc_loss(logits.to(dtype), y, frozen_logits.to(dtype), text.to(dtype),
-                                         frozen_text.to(dtype), image.to(dtype), frozen_image.to(dtype), 1.0, 0.0)
+                                         frozen_text.to(dtype), image.to(dtype), frozen_image.to(dtype), 1.0,
+                                         0.0)["loss"]
     assert (only_text - got).item() == pytest.approx(scl_text.item(), rel=1e-4)
 
 
@@ -210,7 +218,8 @@ def test_the_regularisers_pull_the_prompted_features_towards_the_frozen_ones(mon
     before = distance()
     for _ in range(100):
         logits = 100 * image @ text.t()
-        scl = promptsrc.promptsrc_loss(logits, y, frozen_logits, text, frozen_text, image, frozen_image, 25.0, 10.0)
+        scl = promptsrc.promptsrc_loss(logits, y, frozen_logits, text, frozen_text, image, frozen_image, 25.0,
+                                       10.0)["loss"]
         scl = scl - F.cross_entropy(logits, y)  # the regularisers alone
         text.grad = image.grad = None
         scl.backward()
@@ -234,15 +243,17 @@ def step_once(clip, monkeypatch, fused, ivlp=False, frozen=True):
     optimizer = promptsrc.sgd(learned, argparse.Namespace(lr=0.0025, momentum=0.9, weight_decay=5e-4),
                               torch.device("cpu"))
     x, y, f = fixed_batch(model)
-    loss, correct = promptsrc.train_step(model, optimizer, x, y, *([f] if frozen else []))
-    return loss, [p.grad.clone() for p in learned], [p.detach().clone() for p in learned]
+    terms, correct = promptsrc.train_step(model, optimizer, x, y, *([f] if frozen else []))
+    return terms, [p.grad.clone() for p in learned], [p.detach().clone() for p in learned]
 
 
 def test_fused_and_readable_paths_give_the_same_loss_and_gradients(clip, monkeypatch):
     assert kernels.kernel_available("cpu")  # conftest: the Triton interpreter
     loss_r, grads_r, after_r = step_once(clip, monkeypatch, fused=False)
     loss_k, grads_k, after_k = step_once(clip, monkeypatch, fused=True)
-    assert loss_k.item() == pytest.approx(loss_r.item(), rel=1e-5)
+    assert set(loss_k) == set(loss_r) == {"loss", "ce", "scl_logits", "scl_text", "scl_image"}
+    for name, value in loss_r.items():  # the total and each term (the fused ones from its per-row values)
+        assert loss_k[name].item() == pytest.approx(value.item(), rel=1e-4), name
     # atol at each tensor's scale: an fp32 sum rounds relative to its largest terms, so a small
     # element may differ by a few ulp of the largest (vision prompts' gradients ~1, the context's ~0.2)
     for a, b in zip(grads_r, grads_k):
@@ -255,16 +266,17 @@ def test_fused_and_readable_paths_give_the_same_loss_and_gradients(clip, monkeyp
 def test_cached_frozen_image_features_give_the_per_batch_step(clip, monkeypatch):
     cached, grads_c, _ = step_once(clip, monkeypatch, fused=False, frozen=True)
     per_batch, grads_b, _ = step_once(clip, monkeypatch, fused=False, frozen=False)
-    assert cached.item() == per_batch.item()
+    assert all(torch.equal(cached[name], per_batch[name]) for name in cached)
     assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_b))
 
 
 def test_ivlp_is_cross_entropy_alone(clip, monkeypatch):
-    loss, _, _ = step_once(clip, monkeypatch, fused=False, ivlp=True)
+    terms, _, _ = step_once(clip, monkeypatch, fused=False, ivlp=True)
     model = prompted(clip, ivlp=True)
     x, y, _ = fixed_batch(model)
+    assert set(terms) == {"loss", "ce"} and torch.equal(terms["loss"], terms["ce"])
     with torch.no_grad():
-        assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
+        assert terms["loss"].item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- GPA
@@ -358,6 +370,13 @@ def test_run_in_process_gpa_is_the_weighted_sum_and_evaluate_reproduces(tmp_path
     assert record["method"] == "promptsrc" and ckpt["metrics"]["test_loss"] == record["test_loss"]
     assert record["hm"] == pytest.approx(data.harmonic_mean(record["base"], record["new"]))
     assert set(record["zero_shot"]) >= {"base", "new", "hm"} and record["classes"] == {"base": 2, "new": 2}
+    epochs = data.read_log(run)  # every epoch's loss terms (fused: from the kernel's per-row values)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and epochs[-1]["terms"] == record["train"]["terms"]
+    for e in epochs:  # unweighted; the loss is CE + SCL-logits + 25 SCL-text + 10 SCL-image (to the rounding)
+        t = e["terms"]
+        assert set(t) == {"ce", "scl_logits", "scl_text", "scl_image"} and all(v > 0 for v in t.values())
+        assert e["loss"] == pytest.approx(t["ce"] + t["scl_logits"] + 25 * t["scl_text"] + 10 * t["scl_image"],
+                                          abs=3e-4)
     promptsrc.main(promptsrc.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON]))
     again = json.loads((run / "eval.json").read_text())
     for key in ("base", "new", "hm", "zero_shot", "epoch"):
@@ -466,6 +485,9 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result_gpa_inclu
     assert a["extra"]["weight_seen"] == b["extra"]["weight_seen"]
     ra, rb = (json.loads((r / "results.json").read_text()) for r in (tmp_path / "runs" / "whole", killed))
     assert (ra["base"], ra["new"], ra["test_loss"]) == (rb["base"], rb["new"], rb["test_loss"])
+    untimed = [[{k: v for k, v in e.items() if k != "s"} for e in data.read_log(r)]
+               for r in (tmp_path / "runs" / "whole", killed)]
+    assert untimed[0] == untimed[1] and all(len(e["terms"]) == 4 for e in untimed[0])
 
 
 def test_resume_restores_the_fused_gpa_state(tmp_path, monkeypatch):
@@ -549,8 +571,11 @@ def test_captured_step_gives_the_eager_losses_on_cuda(clip, cached):
         with torch.no_grad():
             batches.append((x, y, models[0][0].encode_image(x, prompted=False)) if cached else (x, y))
     (eager, opt_eager), (captured, opt_captured) = models
-    expected = [promptsrc.train_step(eager, opt_eager, *b)[0].item() for b in batches]
+    expected = [promptsrc.train_step(eager, opt_eager, *b)[0] for b in batches]
     step = kernels.CapturedStep(promptsrc.train_step, captured, opt_captured)
-    assert [step(*b)[0].item() for b in batches] == pytest.approx(expected, rel=1e-3)
+    got = [step(*b)[0] for b in batches]  # each replay's terms, copied out of the graph
+    for name in ("loss", "ce", "scl_logits", "scl_text", "scl_image"):
+        assert [g[name].item() for g in got] == pytest.approx([e[name].item() for e in expected], rel=1e-3,
+                                                              abs=1e-6), name
     for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -73,8 +73,13 @@ def test_per_sample_loss_equals_the_formula_with_the_weight_at_its_limits():
     assert w[0].item() == pytest.approx(1 / (1 + p_ft0 + 1e-5), rel=1e-6) and w[0] > 0.5
     assert w[1].item() < 1e-30
     assert 0 < w[2:].min() and w.max() < 1  # strictly between the limits elsewhere
-    loss = proreg.objective(s, t, y, settings(method="proreg"), use_kernel=False)
-    assert loss.item() == pytest.approx(sum(a + b for a, b, _ in expected) / len(y), rel=1e-5)
+    terms = proreg.objective(s, t, y, settings(method="proreg"), use_kernel=False)
+    assert terms["loss"].item() == pytest.approx(sum(a + b for a, b, _ in expected) / len(y), rel=1e-5)
+    # the logged terms: mean((1 - w) CE), mean(w KL) (loss = ce + alpha kl) and the mean weight
+    assert terms["ce"].item() == pytest.approx(sum(a for a, _, _ in expected) / len(y), rel=1e-5)
+    assert 2.0 * terms["kl"].item() == pytest.approx(sum(b for _, b, _ in expected) / len(y), rel=1e-5)
+    assert terms["w"].item() == pytest.approx(sum(c for _, _, c in expected) / len(y), rel=1e-5)
+    assert torch.equal(terms["loss"], terms["ce"] + 2.0 * terms["kl"])
 
 
 def test_the_weight_is_detached():
@@ -85,7 +90,7 @@ def test_the_weight_is_detached():
     (((1 - w) * ce).mean() + 2.0 * (w * kl).mean()).backward()
     expected = s.grad.clone()
     s.grad = None
-    proreg.objective(s, t, y, settings(method="proreg"), use_kernel=False).backward()
+    proreg.objective(s, t, y, settings(method="proreg"), use_kernel=False)["loss"].backward()
     torch.testing.assert_close(s.grad, expected)
 
 
@@ -96,7 +101,7 @@ def test_with_the_weight_at_zero_proreg_is_plain_fine_tuning(monkeypatch):
         if method == "proreg":
             monkeypatch.setattr(proreg, "proreg_weight", lambda ce_ft, ce_zs, form: torch.zeros_like(ce_ft))
         x = s.clone().requires_grad_(True)
-        loss = proreg.objective(x, t, y, settings(method=method), use_kernel=False)
+        loss = proreg.objective(x, t, y, settings(method=method), use_kernel=False)["loss"]
         loss.backward()
         grads[method] = loss.detach(), x.grad
     torch.testing.assert_close(grads["proreg"][0], F.cross_entropy(s, y))
@@ -107,7 +112,10 @@ def test_fixed_weight_and_xerm_forms():
     s, t, y = random_logits()
     ce, kl, _ = proreg.proreg_terms(s, t, y)
     fixed = proreg.objective(s, t, y, settings(method="fixed", fixed_alpha=0.3), use_kernel=False)
-    torch.testing.assert_close(fixed, 0.7 * ce.mean() + 0.3 * kl.mean())
+    torch.testing.assert_close(fixed["loss"], 0.7 * ce.mean() + 0.3 * kl.mean())
+    assert set(fixed) == {"loss", "ce", "kl"} and torch.equal(fixed["loss"], 0.7 * fixed["ce"] + 0.3 * fixed["kl"])
+    plain = proreg.objective(s, t, y, settings(method="finetune"), use_kernel=False)
+    assert set(plain) == {"loss", "ce"} and torch.equal(plain["ce"], F.cross_entropy(s, y))
     w = proreg.proreg_weight(ce, F.cross_entropy(t, y, reduction="none"), "xerm")
     torch.testing.assert_close(w, ce / (ce + F.cross_entropy(t, y, reduction="none") + 1e-5))
 
@@ -120,10 +128,12 @@ def test_fused_and_readable_losses_agree_in_value_and_gradient(method):
     out = {}
     for use_kernel in (False, True):
         x = s.clone().requires_grad_(True)
-        loss = proreg.objective(x, t, y, settings(method=method), use_kernel=use_kernel)
-        loss.backward()
-        out[use_kernel] = loss.detach(), x.grad
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+        terms = proreg.objective(x, t, y, settings(method=method), use_kernel=use_kernel)
+        terms["loss"].backward()
+        out[use_kernel] = {n: v.detach() for n, v in terms.items()}, x.grad
+    assert set(out[True][0]) == set(out[False][0]) == ({"loss", "ce", "kl"} | ({"w"} if method == "proreg" else set()))
+    for name, value in out[False][0].items():  # the total and each term (the fused: from its per-sample values)
+        torch.testing.assert_close(out[True][0][name], value, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-6)
     assert out[True][1].abs().sum() > 0
 
@@ -265,7 +275,13 @@ def test_run_records_every_row_and_evaluate_reproduces_it(tmp_path, monkeypatch)
     assert results["method"] == "proreg" and results["epoch"] == 2 and results["all"] == record["all"]
     assert set(results["zero_shot"]) == set(results["ensemble"]) == {"all", "hm"}
     assert results["peak_memory_mb"] > 0 and results["processes"] == 1
-    assert set(results["train"]) == {"loss", "acc", "s"} and math.isfinite(results["train"]["loss"])
+    assert set(results["train"]) == {"loss", "terms", "acc", "s"} and math.isfinite(results["train"]["loss"])
+    assert set(results["train"]["terms"]) == {"ce", "kl", "w"}
+    log = data.read_log(run)  # every epoch's loss terms: the loss is ce + alpha kl (to the rounding)
+    assert [e["epoch"] for e in log] == [1, 2] and log[-1]["loss"] == results["train"]["loss"]
+    for e in log:
+        assert all(math.isfinite(v) for v in e["terms"].values()) and 0 < e["terms"]["w"] < 1
+        assert e["loss"] == pytest.approx(e["terms"]["ce"] + 2.0 * e["terms"]["kl"], abs=2e-4)
     # model selection: validated every half epoch (2 steps an epoch: after steps 1 and 2), the best tested
     assert results["selected"]["by"] == "validation" and results["selected"]["epoch"] in (0.5, 1.0, 1.5, 2.0)
     assert set(torch.load(run / "best.pt", weights_only=True)) == set(learned(run))
@@ -311,6 +327,8 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
         assert torch.equal(tensor, learned(killed)[name]), name
     a, b = (json.loads((r / "results.json").read_text()) for r in (whole, killed))
     assert (a["all"], a["test_loss"], a["ensemble"]) == (b["all"], b["test_loss"], b["ensemble"])
+    untimed = [[{k: v for k, v in e.items() if k != "s"} for e in data.read_log(r)] for r in (whole, killed)]
+    assert untimed[0] == untimed[1] and all(set(e["terms"]) == {"ce", "kl", "w"} for e in untimed[0])
 
 
 def key_bias(name):
@@ -436,8 +454,11 @@ def test_captured_step_gives_the_eager_losses_on_cuda(clip, method):
     step = kernels.CapturedStep(step_fn, captured, opt_captured)
     for factor, part in ((1.0, batches[:3]), (0.25, batches[3:])):
         data.set_lr(opt_eager, factor), data.set_lr(opt_captured, factor)
-        expected = [step_fn(eager, opt_eager, *b)[0].item() for b in part]
-        assert [step(*b)[0].item() for b in part] == pytest.approx(expected, rel=1e-3)
+        expected = [step_fn(eager, opt_eager, *b)[0] for b in part]
+        got = [step(*b)[0] for b in part]  # each replay's terms, copied out of the graph
+        for name in expected[0]:
+            assert [g[name].item() for g in got] == pytest.approx([e[name].item() for e in expected], rel=1e-3,
+                                                                  abs=1e-6), name
     for a, b in zip(eager.parameters(), captured.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 

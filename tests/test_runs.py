@@ -130,6 +130,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     untimed = lambda log: [{k: v for k, v in e.items() if k != "s"} for e in log]  # noqa: E731
     log = data.read_log(whole)  # every epoch once, in order, the resumed run's equal but for the time
     assert [e["epoch"] for e in log] == list(range(1, 13)) and untimed(log) == untimed(data.read_log(killed))
+    assert all(set(e["terms"]) == {"ce"} for e in log)  # the loss terms are in that equality
     assert log[-1]["loss"] == a["train"]["loss"] and all(e["s"] > 0 for e in log)
 
 
@@ -222,8 +223,8 @@ def test_a_non_finite_loss_stops_the_run_with_epoch_and_step_and_records_nothing
 
     def diverging(model, optimizer, x, y):
         calls.append(1)
-        loss, correct = real(model, optimizer, x, y)
-        return (loss * float("nan") if len(calls) == 6 else loss), correct
+        terms, correct = real(model, optimizer, x, y)
+        return ({**terms, "loss": terms["loss"] * float("nan")} if len(calls) == 6 else terms), correct
     monkeypatch.setattr(coop, "train_step", diverging)
     with pytest.raises(data.UsageError, match=r"the loss became nan at epoch 3, step 2 .*nothing was recorded"):
         coop.main(coop.parse_args(fixture_run(tmp_path, "--epochs", "4", "--batch-size", "2")))  # 2 steps an epoch

@@ -175,8 +175,11 @@ def test_training_loss_is_the_negative_elbo_and_reaches_the_posterior(clip):
         log_p, kl = model.predictive(x)
         expected = -log_p[torch.arange(3), y].mean() + 0.001 * kl
         torch.manual_seed(5)  # the same draws
-        loss, correct = vprompt.train_step(model, optimizer, x, y)
-        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        terms, correct = vprompt.train_step(model, optimizer, x, y)
+        assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+        assert set(terms) == {"loss", "ce", "kl"} and terms["kl"].item() == pytest.approx(kl.item())
+        assert terms["ce"].item() == pytest.approx(-log_p[torch.arange(3), y].mean().item(), rel=1e-6)
+        assert torch.equal(terms["loss"], terms["ce"] + vprompt.KL_WEIGHT * terms["kl"])
         assert correct.item() == (log_p.argmax(-1) == y).sum().item()
         learned = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         assert all(g is not None and g.abs().sum() > 0 for g in learned.values()), learned.keys()  # reparameterised
@@ -315,6 +318,11 @@ def test_a_run_then_evaluate_at_another_test_batch_size_reproduces(tmp_path, mon
     run = tmp_path / "runs" / "run1"
     assert record["method"] == "vprompt" and record["args"]["samples"] == 3
     assert 0 <= record["base"] <= 100 and 0 <= record["new"] <= 100
+    log = data.read_log(run)  # every epoch's loss terms: the loss is ce + 0.001 kl (to the rounding)
+    assert [e["epoch"] for e in log] == [1, 2] and log[-1]["terms"] == record["train"]["terms"]
+    for e in log:
+        assert set(e["terms"]) == {"ce", "kl"} and all(math.isfinite(v) for v in e["terms"].values())
+        assert e["loss"] == pytest.approx(e["terms"]["ce"] + 0.001 * e["terms"]["kl"], abs=2e-4)
     assert set(learned(run)) == {"prompt_learner.ctx", "prompt_learner.posterior_mean",
                                  "prompt_learner.posterior_logvar"}  # nothing frozen is saved
     vprompt.main(vprompt.parse_args(["--evaluate", str(run), "--root", str(tmp_path / "data"), *COMMON,
@@ -341,6 +349,8 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
         assert torch.equal(tensor, learned(killed)[name]), name
     a, b = (json.loads((r / "results.json").read_text()) for r in (whole, killed))
     assert (a["base"], a["new"], a["test_loss"]) == (b["base"], b["new"], b["test_loss"])
+    untimed = [[{k: v for k, v in e.items() if k != "s"} for e in data.read_log(r)] for r in (whole, killed)]
+    assert untimed[0] == untimed[1] and all(set(e["terms"]) == {"ce", "kl"} for e in untimed[0])
 
 
 # ---------------------------------------------------------------------------- CUDA
@@ -356,12 +366,16 @@ def test_captured_step_gives_the_eager_losses_and_fresh_draws_on_cuda(clip, cond
     eager, captured = (zero_variance(model_of(gpu_clip, conditional=conditional)).cuda() for _ in range(2))
     opt_eager, opt_captured = (vprompt.sgd([p for p in m.parameters() if p.requires_grad], paper,
                                            torch.device("cuda")) for m in (eager, captured))
-    expected = [vprompt.train_step(eager, opt_eager, x, y)[0].item() for x, y in batches]
+    expected = [vprompt.train_step(eager, opt_eager, x, y)[0]["loss"].item() for x, y in batches]
     step = kernels.CapturedStep(vprompt.train_step, captured, opt_captured)
-    assert [step(x, y)[0].item() for x, y in batches] == pytest.approx(expected, rel=1e-3)
+    assert [step(x, y)[0]["loss"].item() for x, y in batches] == pytest.approx(expected, rel=1e-3)
     for a, b in zip(eager.prompt_learner.parameters(), captured.prompt_learner.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * max(1.0, a.abs().max().item()))
     noisy = model_of(gpu_clip, conditional=conditional).cuda()
     step = kernels.CapturedStep(vprompt.train_step, noisy, frozen_sgd(noisy, "cuda"))
-    losses = [step(*batches[0])[0].item() for _ in range(3)]
+    outs = [step(*batches[0])[0] for _ in range(3)]  # kept: each replay's terms are its own copies
+    losses = [o["loss"].item() for o in outs]
     assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 3
+    assert len({o["kl"].item() for o in outs}) == 3 or not conditional  # standard: one posterior
+    for o in outs:
+        torch.testing.assert_close(o["loss"], o["ce"] + vprompt.KL_WEIGHT * o["kl"])
