@@ -2217,12 +2217,13 @@ def epoch_bar(args, start: int):
 def epoch_fit(steps: list, seen: int, epoch: int, lr=None, started=None) -> dict:
     """The epoch's training fit from its steps' outputs, train_step's (terms, number correct) with
     terms a dict of 0-d device tensors: "loss", the step's loss, and the loss's terms as the method
-    names them (e.g. "ce", "kl"); one wait for the device per epoch. Returns {"loss": the steps' mean
-    loss, "terms": {name: the steps' mean}, "acc": accuracy (%), "lr", "s": seconds since `started`
-    (time.time() at its start)}, log.jsonl's line; a non-finite loss stops the run (UsageError)
-    before anything is recorded as a result."""
+    names them (e.g. "ce", "kl"); one wait for the device per epoch. Returns {"loss": the steps'
+    mean loss, "terms": {name: the steps' mean}, "acc": accuracy (%), "lr", "s": seconds since
+    `started` (time.time() at its start)}, log.jsonl's line; a non-finite loss stops the run
+    (UsageError) before anything is recorded as a result."""
     names = list(steps[0][0])  # "loss" and the method's terms
-    values = torch.stack([torch.stack([terms[n].float() for terms, _ in steps]) for n in names]).cpu()
+    values = [torch.stack([terms[n].float() for terms, _ in steps]) for n in names]
+    values = torch.stack(values).cpu()  # [names, steps]
     correct = int(torch.stack([c for _, c in steps]).sum())
     losses = values[names.index("loss")]
     if not torch.isfinite(losses).all():
@@ -2230,8 +2231,8 @@ def epoch_fit(steps: list, seen: int, epoch: int, lr=None, started=None) -> dict
         at = "" if lr is None else f" (lr {lr:.3g})"
         raise UsageError(f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}{at}; "
                          "nothing was recorded as a result. Lower --lr.")
-    fit = {"loss": round(float(losses.mean()), 4),
-           "terms": {n: float(f"{float(v.mean()):.5g}") for n, v in zip(names, values) if n != "loss"},
+    terms = {n: float(f"{float(v.mean()):.5g}") for n, v in zip(names, values) if n != "loss"}
+    fit = {"loss": round(float(losses.mean()), 4), "terms": terms,
            "acc": round(100 * correct / max(seen, 1), 2)}
     if lr is not None:
         fit["lr"] = float(lr)

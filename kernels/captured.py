@@ -37,7 +37,7 @@ class CapturedStep:
         graph, inputs, outputs = self.graphs[shapes]
         for static, t in zip(inputs, batch):
             static.copy_(t, non_blocking=True)
-        graph.replay()  # the outputs, copied out of the graph's buffers (the next replay rewrites them)
+        graph.replay()  # the outputs copied out of the graph's buffers (the next replay rewrites)
         return tuple({k: v.clone() for k, v in t.items()} if isinstance(t, dict) else t.clone()
                      for t in outputs)
 

@@ -405,8 +405,8 @@ def promptsrc_logit_loss(prompted_logits: torch.Tensor, frozen_logits: torch.Ten
                          return_stats: bool = False, block: Optional[int] = None,
                          num_warps: Optional[int] = None):
     """PromptSRC's L_SCL-logits = F.kl_div(log_softmax(z_p), log_softmax(z), log_target=True,
-    reduction='sum') / (B*C) at T = 1; with labels, F.cross_entropy(z_p, labels) is added in the same pass.
-    return_stats: (loss, KLCEStats) as fused_kl_ce's: per row the CE and the KL (not divided by C)."""
+    reduction='sum') / (B*C) at T = 1; with labels, F.cross_entropy(z_p, labels) is added in the
+    same pass. return_stats: (loss, KLCEStats), per row the CE and the KL (before the 1/C)."""
     if not isinstance(prompted_logits, torch.Tensor) or prompted_logits.dim() != 2:
         raise ValueError("prompted logits must be a 2-D tensor [B, C]")
     C = prompted_logits.shape[1]
