@@ -163,7 +163,7 @@ def test_tiny_backbone_through_the_loader_matches_direct_load():
 def test_pretraining_entry_point_runs_and_loss_goes_down(tmp_path):
     out = tmp_path / "tiny.pt"
     subprocess.run([sys.executable, "-m", "world", "pretrain", "--steps", "12",
-                    "--batch-size", "64", "--threads", "1", "--log-every", "1", "--out", str(out)],
+                    "--batch-size", "64", "--threads", "2", "--log-every", "1", "--out", str(out)],
                    check=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     meta = torch.load(out, map_location="cpu", weights_only=True)["meta"]
