@@ -310,7 +310,7 @@ def atomic_write_text(text: str, path) -> None:
 
 WORLD_PREFIX = "shapes"  # dataset names of the built-in offline world start with this
 WORLD_BIASED = "shapes_biased"  # the world's task with a spurious cue in its training split (world/biased.py)
-WORLD_DOMAINS = "shapes_domains"  # the world's DomainNet-like task: one style trains, the others test (world/domains.py)
+WORLD_DOMAINS = "shapes_domains"  # the world's DomainNet protocol: one style trains, the others test (world/domains.py)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (every paper's INPUT)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
