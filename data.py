@@ -34,7 +34,8 @@ API CONTRACT (used by the method files; keep these names and meanings):
       groups: {name: list[Item]} subsets of the test set scored in the whole label space (ImageNet-LT's
               many / medium / few-shot classes); mean_of: shifted sets averaged into a "mean" column.
   load_dataset(name, root, download=False, train_domain=None, test_domain=None, split_file=None)
-      -> Benchmark (the domains: PACS's held-out domain, OfficeHome's pair; section 5b)
+      -> Benchmark (the domains: PACS's held-out domain, OfficeHome's pair; section 5b; the world's
+      shapes_domains: the training style)
       name: a benchmark, or a folder of class folders (a name with '/': load_folder(path, split_file);
       Benchmark.folder is then its path; the run keeps its split as FOLDER_SPLIT, its class names and
       template as RUN_CLASSES); is_folder(name), dataset_name(name) (a folder's own name)
@@ -309,6 +310,7 @@ def atomic_write_text(text: str, path) -> None:
 
 WORLD_PREFIX = "shapes"  # dataset names of the built-in offline world start with this
 WORLD_BIASED = "shapes_biased"  # the world's task with a spurious cue in its training split (world/biased.py)
+WORLD_DOMAINS = "shapes_domains"  # the world's DomainNet protocol: one style trains, the others test (world/domains.py)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (every paper's INPUT)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -877,7 +879,8 @@ def load_dataset(name: str, root, download: bool = False, train_domain=None, tes
                  split_file=None) -> Benchmark:
     """A benchmark by name: the offline world ('shapes...'), a CoOp dataset or a ProReg benchmark (5b) under
     `root`, or a folder of class folders (a name with a '/': load_folder, with the run's `split_file`).
-    train_domain / test_domain: the domains of PACS (test) and OfficeHome (both); None: defaults."""
+    train_domain / test_domain: the domains of PACS (test), OfficeHome (both), shapes_domains (train: a style);
+    None: defaults."""
     domains = {k: v for k, v in (("--train-domain", train_domain), ("--test-domain", test_domain)) if v}
     require(not domains or name in DOMAIN_DATASETS, f"{' and '.join(domains)} apply to "
             f"{', '.join(DOMAIN_DATASETS)} only, not {name}: leave them out")
@@ -887,6 +890,8 @@ def load_dataset(name: str, root, download: bool = False, train_domain=None, tes
         return SHIFT_DATASETS[name].load(Path(root).expanduser(), train_domain, test_domain)
     if name == WORLD_BIASED:  # the world's biased-data task (ProReg's benchmark), in a file of its own
         return _world("biased").biased_benchmark(name)
+    if name == WORLD_DOMAINS:  # the world's counterpart of DomainNet's protocol (--train-domain: a style)
+        return _world("domains").domains_benchmark(train_domain, test_domain)
     if name.startswith(WORLD_PREFIX):
         return _world("shapes").world_benchmark(name)
     if name not in DATASETS:
@@ -1030,7 +1035,7 @@ SHIFT_DATASETS = {
         "https://github.com/zhmiao/OpenLongTailRecognition-OLTR (the lists); ImageNet from https://image-net.org/",
         _imagenet_lt),
 }
-DOMAIN_DATASETS = ("pacs", "office_home")  # the ones --train-domain / --test-domain apply to
+DOMAIN_DATASETS = ("pacs", "office_home", WORLD_DOMAINS)  # the ones --train-domain / --test-domain apply to
 
 
 # -------------------------------------------------------------------------------- your own folder
@@ -1712,7 +1717,8 @@ def add_run_flags(parser, *, dataset="shapes", protocol="base2new", shots=16, sh
       help="re-evaluate a finished run with its saved settings, without training; writes RUN_DIR/eval.json")
     a("--device", default=None, help="torch device; default cuda if available, else cpu")
     a("--train-domain", default=None, help="office_home: the domain trained on (art, clipart, product, "
-      "real_world; default art)")
+      "real_world; default art); shapes_domains: the style (photo, noisy, outline, vivid, lowcontrast; "
+      "default outline)")
     a("--test-domain", default=None, help="pacs: the held-out domain (photo, art_painting, cartoon, sketch; "
       "default sketch); office_home: the domain tested on (default clipart)")
     a("--predict", nargs="+", default=None, metavar=("RUN_DIR", "IMAGE"), help="classify images (files or "

@@ -70,7 +70,7 @@ class FineTunedCLIP(nn.Module):
 
     def __init__(self, clip, class_embeddings, train_encoder=True):  # False: linear_probe
         super().__init__()
-        self.visual = data.trainable_encoder(clip.visual) if train_encoder else clip.visual
+        self.visual = data.trainable_encoder(clip.visual).requires_grad_(train_encoder)  # patch dropout off
         self.class_embeddings = nn.Parameter(class_embeddings.clone())  # [C, D]
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone(), train_encoder)  # log 100
 

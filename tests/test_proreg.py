@@ -539,6 +539,20 @@ def test_promptless_head_is_the_official_mlp_and_linear_probe_trains_the_head_al
     clip.visual.requires_grad_(False)
 
 
+@pytest.mark.parametrize("train_encoder", [True, False])
+def test_no_model_trains_on_patch_dropped_features(train_encoder):
+    """The world's tiny CLIP drops half its patches in train mode (pretraining's patch dropout): the student,
+    fine-tuned or a linear probe on the frozen encoder, sees every patch, as at test time."""
+    clip = data.load_backbone("tiny", "shapes", torch.device("cpu")).model
+    assert clip.visual.patch_dropout.prob == 0.5
+    model = proreg.FineTunedCLIP(clip, torch.randn(8, clip.visual.output_dim), train_encoder).train()
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        train_mode = model.encode(x)
+        torch.testing.assert_close(model.eval().encode(x), train_mode)
+    assert all(p.requires_grad == train_encoder for p in model.visual.parameters())
+
+
 @pytest.mark.parametrize("method, learns", [("promptless", "head.3.weight"), ("linear_probe", "class_embeddings")])
 def test_the_other_baselines_run_and_record(tmp_path, monkeypatch, method, learns):
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_NAME, TINY)

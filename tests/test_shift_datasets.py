@@ -71,7 +71,8 @@ def test_pacs_lists_beside_the_images_folder_and_bad_domains(tmp_path):
     assert len(data.load_dataset("pacs", tmp_path, test_domain="cartoon").test) == 9
     with pytest.raises(data.UsageError, match="--test-domain 'drawing' is not a domain of pacs: one of photo"):
         data.load_dataset("pacs", tmp_path, test_domain="drawing")
-    with pytest.raises(data.UsageError, match="--train-domain apply to pacs, office_home only, not caltech101"):
+    with pytest.raises(data.UsageError,
+                       match="--train-domain apply to pacs, office_home, shapes_domains only, not caltech101"):
         data.load_dataset("caltech101", tmp_path, train_domain="art")
 
 

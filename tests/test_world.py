@@ -1,5 +1,6 @@
 """The built-in offline world (world/): determinism, captions that match pixels, the shipped tiny
 CLIP, and the pretraining entry point."""
+import argparse
 import os
 import subprocess
 import sys
@@ -184,3 +185,86 @@ def test_a_checkpoint_made_with_another_config_loads_with_the_config_it_carries(
     loaded = tiny_clip.load_tiny_clip(tmp_path / "x.pt")
     assert loaded.visual.conv1.out_channels == 64 and len(loaded.visual.transformer.resblocks) == 2
     assert torch.equal(loaded.visual.conv1.weight, model.visual.conv1.weight.half().float())
+
+
+# ------------------------------------------------------------------ the domain-shift task (shapes_domains)
+@pytest.fixture(scope="module")
+def domains_task():
+    """shapes_domains trained on lowcontrast: a style whose every image has a narrow pixel range."""
+    from world import domains
+    return domains, data.load_dataset(data.WORLD_DOMAINS, None, train_domain="lowcontrast")
+
+
+def _pixel_range(bench, items):
+    """Per image, the spread of its pixel values (99th - 1st percentile, 0-255) [N]."""
+    x = torch.stack([torch.from_numpy(np.array(bench.open_image(it.source))) for it in items]).float()
+    x = x.reshape(len(items), -1)
+    return x.quantile(0.99, dim=1) - x.quantile(0.01, dim=1)
+
+
+def test_shapes_domains_classes_are_the_shapes_and_colour_carries_no_label(domains_task):
+    domains, bench = domains_task
+    assert bench.classnames == list(shapes.WORLD_SHAPES) and bench.template == "a photo of a {}."
+    sizes = domains.DOMAINS_SPLIT_SIZES
+    for split, items in [("train", bench.train), ("val", bench.val), ("test", bench.test), *bench.shifts.items()]:
+        labels = torch.tensor([it.label for it in items])
+        assert all(it.classname == shapes.WORLD_SHAPES[it.label] for it in items)
+        assert (torch.bincount(labels, minlength=8) == sizes.get(split, sizes["test"])).all(), split
+    # colour independent of the shape: no class has a colour in much more than 1/8 of its images...
+    labels = torch.tensor([it.label for it in [*bench.train, *bench.test]])
+    colours = torch.cat([bench.colours["train"], bench.colours["test"]])
+    counts = torch.zeros(8, 8).index_put_((labels, colours), torch.ones(len(labels)), accumulate=True)
+    assert (counts / counts.sum(1, keepdim=True)).max() < 0.25
+    # ...and in the pixels: the brightest pixel's colour (the shape's) does not predict the label
+    x = torch.stack([torch.from_numpy(np.array(bench.open_image(it.source))) for it in bench.train])
+    x = x.float().reshape(len(x), -1, 3)
+    fill = x[torch.arange(len(x)), x.max(-1).values.argmax(-1)]  # [N, 3]
+    y = torch.tensor([it.label for it in bench.train])
+    centroids = torch.stack([fill[y == c].mean(0) for c in range(8)])
+    assert (torch.cdist(fill, centroids).argmin(1) == y).float().mean() < 0.3
+
+
+def test_shapes_domains_trains_and_validates_in_its_style_and_tests_every_other(domains_task):
+    domains, bench = domains_task
+    assert bench.train_style == "lowcontrast" and domains.DOMAINS_TRAIN_STYLE == "outline"
+    others = [s for s in shapes.WORLD_STYLES if s != "lowcontrast"]
+    assert list(bench.shifts) == others and bench.mean_of == tuple(others)
+    assert (_pixel_range(bench, bench.train) < 115).all() and (_pixel_range(bench, bench.val) < 115).all()
+    assert (_pixel_range(bench, bench.test) < 115).all()  # the in-distribution test: the same style
+    for style in others:  # every other style's test split is there, and is not low-contrast
+        assert _pixel_range(bench, bench.shifts[style][::10]).median() > 115, style
+    sources = [it.source for items in (bench.train, bench.val, bench.test, *bench.shifts.values()) for it in items]
+    assert len(set(sources)) == len(sources)  # every split its own images
+
+
+def test_shapes_domains_record_has_in_distribution_each_style_and_their_mean(domains_task, capsys):
+    _, bench = domains_task
+    backbone = data.Backbone(None, None, "tiny", "shapes", 48, data.CLIP_MEAN, data.CLIP_STD)
+    task = data.Task(bench, {}, backbone, "all", bench.classnames)
+    splits = data.evaluation_sets(task, "all")
+    assert list(splits) == ["all", *bench.shifts] and all(names == bench.classnames for _, names, _ in splits.values())
+    accuracy = {"all": 90.0, "photo": 80.0, "noisy": 40.0, "outline": 60.0, "vivid": 50.0}
+    rows = {"zero-shot CLIP": {s: a - 10 for s, a in accuracy.items()}, "proreg": dict(accuracy)}
+    args = argparse.Namespace(protocol="all", shots=0, seed=1, epochs=10, dataset=data.WORLD_DOMAINS)
+    record = data.result_record("proreg", args, task, rows, "proreg", splits, {})
+    assert record["all"] == 90.0  # in-distribution: the training style's test split
+    assert record["shifts"] == {"photo": 80.0, "noisy": 40.0, "outline": 60.0, "vivid": 50.0, "mean": 57.5}
+    assert record["zero_shot"]["mean"] == 47.5 and "mean" in capsys.readouterr().out
+
+
+def test_shapes_domains_refuses_a_style_it_does_not_have(monkeypatch, tmp_path):
+    from world import domains
+    monkeypatch.setattr(domains, "_benchmark", lambda style, seed: style)  # no rendering needed
+    assert data.load_dataset(data.WORLD_DOMAINS, None) == "outline"
+    assert data.load_dataset(data.WORLD_DOMAINS, None, train_domain="vivid") == "vivid"
+    with pytest.raises(data.UsageError, match="'sketch' is not a style of shapes_domains: one of photo, noisy, "
+                       "outline, vivid, lowcontrast"):
+        data.load_dataset(data.WORLD_DOMAINS, None, train_domain="sketch")
+    with pytest.raises(data.UsageError, match="--test-domain 'photo': shapes_domains tests on every style"):
+        data.load_dataset(data.WORLD_DOMAINS, None, test_domain="photo")
+    with pytest.raises(data.UsageError, match="apply to pacs, office_home, shapes_domains only, not shapes_biased"):
+        data.load_dataset(data.WORLD_BIASED, None, train_domain="photo")
+    proc = subprocess.run([sys.executable, "proreg.py", "--dataset", "shapes_domains", "--train-domain", "sketch",
+                           "--output-dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --train-domain 'sketch' is not a style")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
