@@ -45,7 +45,6 @@ objective), then main (the recipe); data.py holds the run machinery, kernels/ th
 import argparse
 import functools
 import math
-import sys
 import time
 from collections import OrderedDict
 
@@ -401,9 +400,4 @@ def evaluate_run(model, task, args, device) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    # a mistake the user can fix: one line that says what to do, no traceback
-    except data.UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    data.run_script(main, parse_args)  # a UsageError: one line, exit status 2

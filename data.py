@@ -76,7 +76,7 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   add_run_flags(parser, ...); resolve_run_args(args); check_run_args(args, min_epochs, min_shots);
   check_warmup(name, value, epochs); check_sgd_args(args); eval_datasets(args); run_device(name)
   start_run(args, method, resolve, check) -> (args, saved checkpoint or None, run folder, device)
-  print_start(args, method, device, out, **more)
+  print_start(args, method, device, out, **more); run_script(main, parse_args) (a UsageError: one line)
   make_run_folder(out, args, saved); seed_everything(seed)
   load_task(args, device) -> Task(benchmark, targets, backbone, train_classes, train_names)
   training_items(task, args, cache); evaluation_sets(task, protocol); split_loader(split, backbone, args)
@@ -86,7 +86,8 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   save_checkpoint(path, args, epoch, model, optimizer, generator, train, extra);
   restore_checkpoint(saved, model, optimizer, generator) -> epochs done; load_learned(model, learned)
   epoch_bar(args, start); epoch_fit(steps, seen, epoch, lr) -> {loss, terms, acc} (stops on NaN)
-  setup_distributed() -> (rank, world size); share_run(out, device, world_size); peak_memory(device)
+  setup_distributed() -> (rank, world size); share_run(out, device, world_size); end_distributed(world_size)
+  peak_memory(device)
   epoch_batches(n, batch_size, seed, epoch, rank, world_size); SeededItems; IndexedBatches (a whole
   split in global batches, DDP-split); normalised_encoder(visual); FixedHead(text_features, scale)
   AdamWHF (transformers' AdamW); set_lr; warmup_linear; trainable_encoder;
@@ -1838,6 +1839,16 @@ def start_run(args, method: str, resolve: Callable, check: Callable):
     return args, saved, out, run_device(args.device)
 
 
+def run_script(main, parse_args) -> None:
+    """A method file run as a script: main(parse_args()); a UsageError (a mistake the user can fix)
+    prints one line that says what to do, no traceback, and exits with status 2."""
+    try:
+        main(parse_args())
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def print_start(args, method: str, device, out, **more) -> None:
     """The run's first line: method, dataset, protocol, backbone, shots, seed, epochs, batch, `more`."""
     extra = "".join(f", {key} {value}" for key, value in more.items())
@@ -2040,6 +2051,13 @@ def share_run(out: Path, device, world_size: int):
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return box[0], device
+
+
+def end_distributed(world_size: int) -> None:
+    """Under torchrun: wait for every process, then close the process group (nothing in one process)."""
+    if world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def peak_memory(device) -> dict:

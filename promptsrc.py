@@ -50,7 +50,6 @@ The protocols (--protocol, as coop.py's) take their official configs' settings (
 import argparse
 import functools
 import math
-import sys
 import time
 
 import torch
@@ -543,8 +542,4 @@ def evaluate_run(model, task, args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except data.UsageError as error:  # a mistake the user can fix: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    data.run_script(main, parse_args)  # a UsageError: one line, exit status 2

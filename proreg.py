@@ -16,35 +16,31 @@ towards it where that prediction is confident about the true class:
   torchrun --nproc_per_node 4 proreg.py --dataset domain_net  # 4 GPUs, the same global batch
 
 --method: proreg; finetune (CE, the same head: official prompt_finetune); fixed ((1 - a) CE + a KL:
-knowledge_distill); ensemble (finetune, then (1 - a) z_ft + a z_zs: ensemble_test); promptless (a
-new MLP head: promptless_finetune); linear_probe (the head alone); zeroshot. Each run also records
-zero-shot CLIP and its own output ensemble. As the official code: transformers' AdamW and schedule,
-its RandAugment, validation every half epoch with the best checkpoint tested (--select), and the
-configs' settings (SETTINGS: ViT-B/32, lr, alpha per benchmark; templates: data.CUSTOM_TEMPLATES);
-the CoOp datasets, which ProReg never ran, take DomainNet's.
+knowledge_distill); ensemble ((1 - a) z_ft + a z_zs of finetune: ensemble_test); promptless (a new
+MLP head: promptless_finetune); linear_probe (the head alone); zeroshot. Every run also records
+zero-shot CLIP and its output ensemble. As the official code: transformers' AdamW and schedule, its
+RandAugment, validation every half epoch with the best checkpoint tested (--select), the configs'
+settings (SETTINGS; templates: data.CUSTOM_TEMPLATES); the CoOp datasets take DomainNet's.
 
 Differs from the official code (BeierZhu/ProReg, a ViLT/Lightning scaffold around OpenAI's clip) in:
 - open_clip (QuickGELU for `openai` weights); bf16 autocast on CUDA, fp32 weights (official: fp16).
-- the teacher: where the training transform is deterministic (the world) its logits of every
-  training image are computed once before training; with random augmentation a frozen copy of the
-  image encoder scores each batch, only for the objectives that read it (proreg, fixed).
+- the teacher: with a fixed training transform (the world) its logits are computed once before
+  training; with augmentation a frozen copy of the image encoder scores each batch (proreg, fixed).
 - the "KL" term is the official soft-target cross-entropy (KL plus the teacher's entropy: the same
-  gradient); --weight xerm is the form commented out in losses.py with gamma 1: the configs' gamma
-  (BAR 2, NICO-vehicle 0.5) is not offered (the active form ignores it).
+  gradient); --weight xerm is losses.py's commented-out form with gamma 1 (the configs' gamma,
+  BAR 2, NICO-vehicle 0.5, is not offered: the active form ignores it).
 - weight decay spares every LayerNorm parameter (official no_decay names miss CLIP's 'ln_1.weight').
-- RandAugment (data.RandAugmentPort) behaves as the official port but its draws are seeded by
-  (seed, epoch, image index), not Python's per-worker random. The world is not augmented.
-- one seeded permutation per epoch, cut into batches of --batch-size and split evenly over processes
-  and accumulation steps; the last incomplete batch is dropped (the official loader keeps it).
-- seed: --seed 1 by default (the official config: 0); the world: batch 32 (576 training images), its
-  tiny CLIP's patch dropout off. linear_probe: see SETTINGS (the official config does not run).
+- RandAugment (data.RandAugmentPort) as the official port, its draws seeded by (seed, epoch, image).
+- one seeded permutation per epoch, split evenly over processes and accumulation steps; the last
+  incomplete batch is dropped (the official loader keeps it). --seed 1 (official: 0).
+- the world: batch 32 (576 training images), not augmented, its tiny CLIP's patch dropout off.
+  linear_probe: see SETTINGS (the official config does not run).
 """
 import argparse
 import contextlib
 import copy
 import functools
 import os
-import sys
 import time
 
 import torch
@@ -282,11 +278,10 @@ def check_settings(args):
         bound = dict(above=0) if name in ("lr", "head_lr_mult") else dict(minimum=0)
         data.check_float(f"--{name.replace('_', '-')}", getattr(args, name), **bound)
     data.check_warmup("--warmup", args.warmup, None)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    share = world_size * args.grad_accum
-    data.require(args.batch_size % share == 0, f"--batch-size {args.batch_size} does not split "
-                 f"into {world_size} processes x --grad-accum {args.grad_accum}: use a multiple of "
-                 f"{share}")
+    world, parts = int(os.environ.get("WORLD_SIZE", 1)), args.grad_accum
+    data.require(args.batch_size % (world * parts) == 0, f"--batch-size {args.batch_size} does not "
+                 f"split into {world} processes x --grad-accum {parts}: use a multiple of "
+                 f"{world * parts}")
     data.require(args.method != "promptless" or args.protocol == "all", "--method promptless has a "
                  "head for the training classes only: use --protocol all")
     data.require(args.loss_impl != "kernel" or args.weight == "code" or args.method != "proreg",
@@ -305,9 +300,9 @@ def main(args):
     data.require(world_size == 1 or not args.evaluate, "--evaluate runs in one process: use python")
     out, device = data.share_run(out, device, world_size)
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"proreg --method {args.method} on {args.dataset} ({args.protocol}): {args.model}/"
-        f"{args.pretrained}, seed {args.seed}, {args.epochs} epochs, batch {args.batch_size} "
-        f"({world_size} process(es) x {args.grad_accum} part(s)), device {device} -> {out}")
+    if rank == 0:
+        data.print_start(args, f"proreg --method {args.method}", device, out, processes=world_size,
+                         parts=args.grad_accum)
     data.seed_everything(args.seed)  # sampling, shuffling, augmentation, a random-init backbone
 
     # the head's start and the teacher's classes (prompt features); every test set's frozen features
@@ -334,9 +329,7 @@ def main(args):
     elif rank == 0:  # zeroshot: nothing is trained, the initial model is the result
         data.save_checkpoint(out / "checkpoint.pt", args, 0, model, optimizer)
     memory = data.peak_memory(device)
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    data.end_distributed(world_size)
     if rank == 0:
         record = evaluate_run(model, frozen, splits, task, args, device, processes=world_size,
                               selected=data.select_model(model, out, best), **memory)
@@ -380,8 +373,7 @@ def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
     start_epoch = data.restore_checkpoint(saved, model, optimizer)
     best = (saved["extra"] or {}).get("best") if saved else None
     val = data.validation_loader(task, args) if args.select == "val" and rank == 0 else None
-    if args.checkpointing:
-        model.visual.set_grad_checkpointing(True)
+    model.visual.set_grad_checkpointing(args.checkpointing)
     net = model if world_size == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = functools.partial(train_step, args=args, use_kernel=use_kernel)
@@ -410,9 +402,8 @@ def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
 
 
 class TrainingSet:
-    """The training images with their teacher logits: computed once before any update where the
-    transform is deterministic (the world); else a frozen copy of the image encoder scores each
-    augmented batch, for the objectives that read them (proreg, fixed; the others get zeros)."""
+    """The training images with their teacher logits (computed once where the transform is fixed; else
+    a frozen encoder's per augmented batch, for proreg and fixed; the other objectives get zeros)."""
 
     def __init__(self, items, benchmark, backbone, zs_text, args, device):
         transform = data.make_transform(backbone, train=False)  # CLIP's preprocessing (the world)
@@ -425,17 +416,16 @@ class TrainingSet:
         if benchmark.augment and args.method in ("proreg", "fixed"):  # others: no second encoder
             self.teacher = copy.deepcopy(backbone.model.visual).eval().requires_grad_(False)
         elif not benchmark.augment:
-            print(f"no training augmentation on {args.dataset}: the teacher's logits of the "
-                  f"{self.n} training images are computed once, before training (exact)")
+            print(f"no augmentation: the teacher's logits of the {self.n} images are computed once")
             chunks, visual = self.data.images.split(args.test_batch_size), backbone.model.visual
             self.teacher_logits = torch.cat([self.zero_shot_logits(c.to(device), visual)
                                              for c in chunks])  # [N, C]
 
     @torch.no_grad()
-    def zero_shot_logits(self, images, teacher):
+    def zero_shot_logits(self, images, teacher):  # [b, C]: the head in fp32, after autocast
         with data.autocast(images.device):
             features = data.normalised_encoder(teacher)(images)
-        return self.head(features)  # [b, C]
+        return self.head(features)
 
     def batches(self, epoch, rank, world_size):
         """(images, labels, teacher logits) on the device, this process's share of each batch."""
@@ -479,8 +469,7 @@ def evaluate_run(model, frozen, splits, task, args, device, **more) -> dict:
         zs_features, labels, zs_text = frozen[split]
         loader = data.split_loader((items, names, source), task.backbone, args)
         ft_features, _ = data.encode_images(model.eval().encode, loader, device)
-        trained_names = names == task.train_names
-        fine_tuned = model if trained_names else data.FixedHead(zs_text, model.logit_scale)
+        fine_tuned = model if names == task.train_names else data.FixedHead(zs_text, model.logit_scale)
         zero_shot = data.FixedHead(zs_text, task.backbone.model.logit_scale)
         both = torch.cat([ft_features, zs_features], -1)
         ft, zs, both = ([*zip(x.split(args.test_batch_size), labels.split(args.test_batch_size))]
@@ -496,8 +485,4 @@ def evaluate_run(model, frozen, splits, task, args, device, **more) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except data.UsageError as error:  # a mistake the user can fix: one line that says what to do
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    data.run_script(main, parse_args)  # a UsageError: one line, exit status 2

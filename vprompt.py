@@ -50,7 +50,6 @@ Differs from the official code (saic-fi/Bayesian-Prompt-Learning, trainers/vpt.p
 import argparse
 import functools
 import math
-import sys
 import time
 
 import torch
@@ -443,8 +442,4 @@ def evaluate_run(model, task, args, device) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except data.UsageError as error:  # a mistake the user can fix: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    data.run_script(main, parse_args)  # a UsageError: one line, exit status 2
