@@ -164,7 +164,8 @@ def test_tiny_backbone_through_the_loader_matches_direct_load():
 def test_pretraining_entry_point_runs_and_loss_goes_down(tmp_path):
     out = tmp_path / "tiny.pt"
     subprocess.run([sys.executable, "-m", "world", "pretrain", "--steps", "12",
-                    "--batch-size", "64", "--threads", "2", "--log-every", "1", "--out", str(out)],
+                    "--batch-size", "64", "--threads", "2", "--log-every", "1", "--check-per-class", "5",
+                    "--out", str(out)],
                    check=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     meta = torch.load(out, map_location="cpu", weights_only=True)["meta"]
@@ -172,6 +173,8 @@ def test_pretraining_entry_point_runs_and_loss_goes_down(tmp_path):
     assert len(losses) >= 3
     assert sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
     assert out.stat().st_size < 20e6
+    assert set(meta["zero_shot"]) == {"photo_base", "photo_new", "photo_heldout", "noisy_base"}
+    assert all(0 <= acc <= 1 for acc in meta["zero_shot"].values())
 
 
 def test_a_checkpoint_made_with_another_config_loads_with_the_config_it_carries(tmp_path):

@@ -43,10 +43,12 @@ def _cmd_pretrain(argv) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the rendered data (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; bit-identical results need the same count (default 1)")
     parser.add_argument("--log-every", type=int, default=100, help="print and record the loss every N steps (default 100)")
+    parser.add_argument("--check-per-class", type=int, default=50, help="fresh images per pair in the final zero-shot check (default 50)")
     parser.add_argument("--out", default=str(TINY_CHECKPOINT), help=f"checkpoint path, written atomically (default {TINY_CHECKPOINT})")
     args = parser.parse_args(argv)
     world_pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                   out=args.out, threads=args.threads, log_every=args.log_every)
+                   out=args.out, threads=args.threads, log_every=args.log_every,
+                   check_per_class=args.check_per_class)
 
 
 def _cmd_prompts(argv) -> None:

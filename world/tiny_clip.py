@@ -63,11 +63,12 @@ def to_clip_input(images):
 
 
 def world_pretrain(steps=1500, batch_size=128, lr=1e-3, seed=0, out=TINY_CHECKPOINT, threads=1,
-                   log_every=100):
+                   log_every=100, check_per_class=50):
     """Contrastive pretraining of the tiny CLIP on clean photos of the 48 seen colour-shape pairs.
 
     AdamW (wd 0.1), 5 % linear warm-up then cosine, grad-norm clip 1.0, multi-positive InfoNCE in
-    both directions. Bit-identical reruns for a given seed and thread count on a quiet CPU."""
+    both directions. Bit-identical reruns for a given seed and thread count on a quiet CPU. Then a
+    zero-shot check on `check_per_class` fresh images of each pair, kept in the checkpoint's meta."""
     import open_clip
 
     torch.set_num_threads(threads)
@@ -110,10 +111,10 @@ def world_pretrain(steps=1500, batch_size=128, lr=1e-3, seed=0, out=TINY_CHECKPO
     wall = time.time() - start
     model.eval()
     seen, heldout = world_combo_split()  # base/new below: the halves of the pretraining pairs
-    zero_shot = {"photo_base": world_zero_shot(model, seen[:24], "photo"),
-                 "photo_new": world_zero_shot(model, seen[24:], "photo"),
-                 "photo_heldout": world_zero_shot(model, heldout, "photo"),
-                 "noisy_base": world_zero_shot(model, seen[:24], "noisy")}
+    zero_shot = {"photo_base": world_zero_shot(model, seen[:24], "photo", check_per_class),
+                 "photo_new": world_zero_shot(model, seen[24:], "photo", check_per_class),
+                 "photo_heldout": world_zero_shot(model, heldout, "photo", check_per_class),
+                 "noisy_base": world_zero_shot(model, seen[:24], "noisy", check_per_class)}
     print("zero-shot accuracy:", json.dumps(zero_shot), flush=True)
     state = {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
     table = state.pop("token_embedding.weight")
