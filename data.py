@@ -87,7 +87,7 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   restore_checkpoint(saved, model, optimizer, generator) -> epochs done; load_learned(model, learned)
   epoch_bar(args, start); epoch_fit(steps, seen, epoch, lr) -> {loss, terms, acc} (stops on NaN)
   setup_distributed() -> (rank, world size); share_run(out, device, world_size); end_distributed(world_size)
-  peak_memory(device)
+  reset_peak_memory(device); peak_memory(device)
   epoch_batches(n, batch_size, seed, epoch, rank, world_size); SeededItems; IndexedBatches (a whole
   split in global batches, DDP-split); normalised_encoder(visual); FixedHead(text_features, scale)
   AdamWHF (transformers' AdamW); set_lr; warmup_linear; trainable_encoder;
@@ -2058,6 +2058,12 @@ def end_distributed(world_size: int) -> None:
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def reset_peak_memory(device) -> None:
+    """Start CUDA's allocator peak afresh (training's peak, not the set-up's); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device) -> dict:

@@ -84,9 +84,8 @@ class FineTunedCLIP(nn.Module):
 
 
 class PromptlessCLIP(nn.Module):
-    """The `promptless` baseline (official promptless_finetune): the image encoder (trained) and a
-    new head on its unnormalised features, Linear(D, 2D) (512 -> 1024 for ViT-B/32), LayerNorm,
-    GELU, Linear(2D, C), weights N(0, 0.02), zero biases: no prompt, no logit scale."""
+    """The `promptless` baseline (official promptless_finetune): the image encoder (trained), a new
+    head on its raw features: Linear(D, 2D), LayerNorm, GELU, Linear(2D, C), N(0, 0.02) weights."""
 
     def __init__(self, clip, n_classes):
         super().__init__()
@@ -299,7 +298,6 @@ def main(args):
     args, saved, out, device = data.start_run(args, tag, resolve_settings, check_settings)
     data.require(world_size == 1 or not args.evaluate, "--evaluate runs in one process: use python")
     out, device = data.share_run(out, device, world_size)
-    say = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0:
         data.print_start(args, f"proreg --method {args.method}", device, out, processes=world_size,
                          parts=args.grad_accum)
@@ -325,7 +323,7 @@ def main(args):
         items = data.training_items(task, args, cache=out / "fewshot.json" if rank == 0 else None)
         train_set = TrainingSet(items, task.benchmark, task.backbone, zs_text, args, device)
         best = fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
-                         world_size, say)
+                         world_size)
     elif rank == 0:  # zeroshot: nothing is trained, the initial model is the result
         data.save_checkpoint(out / "checkpoint.pt", args, 0, model, optimizer)
     memory = data.peak_memory(device)
@@ -360,7 +358,7 @@ def load_classifier(run_dir, classnames=None, device=None):
     return data.RunClassifier(model.to(run.device), run, text_features, classnames)
 
 
-def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank, world_size, say):
+def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank, world_size):
     """The epochs (from the last saved one), the lr set per step, validation every half epoch (the
     best kept: data.keep_best), a checkpoint after each epoch -> the best validation (None: none).
     DDP averages the processes' gradients; on one GPU the step is replayed as a CUDA graph."""
@@ -368,8 +366,10 @@ def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
     data.require(steps > 0, f"--batch-size {args.batch_size} > {train_set.n} images: lower it")
     use_kernel = args.loss_impl == "kernel" or (args.loss_impl == "auto" and args.weight == "code"
                                                 and kernels and kernels.kernel_available(device))
-    say(f"fine-tuning {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters "
-        f"on {train_set.n} images, {steps} steps an epoch, {'fused' if use_kernel else 'torch'} loss")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rank == 0:
+        print(f"fine-tuning {trained:,} parameters on {train_set.n} images, {steps} steps an "
+              f"epoch, {'fused' if use_kernel else 'torch'} loss")
     start_epoch = data.restore_checkpoint(saved, model, optimizer)
     best = (saved["extra"] or {}).get("best") if saved else None
     val = data.validation_loader(task, args) if args.select == "val" and rank == 0 else None
@@ -380,8 +380,7 @@ def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
     step = functools.partial(step_fn, net, optimizer)
     if kernels and device.type == "cuda" and not args.eager and world_size == args.grad_accum == 1:
         step = kernels.CapturedStep(step_fn, model, optimizer)  # the same step, as a CUDA graph
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    data.reset_peak_memory(device)  # peak_memory below reads training's peak
     epochs = data.epoch_bar(args, start_epoch) if rank == 0 else range(start_epoch, args.epochs)
     for epoch in epochs:
         net.train()
