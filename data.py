@@ -86,7 +86,8 @@ Runs (section 8; a method file's main calls these, see the example at the sectio
   save_checkpoint(path, args, epoch, model, optimizer, generator, train, extra);
   restore_checkpoint(saved, model, optimizer, generator) -> epochs done; load_learned(model, learned)
   epoch_bar(args, start); epoch_fit(steps, seen, epoch, lr) -> {loss, terms, acc} (stops on NaN)
-  setup_distributed() -> (rank, world size); share_run(out, device, world_size); end_distributed(world_size)
+  setup_distributed() -> (rank, world size); share_run(out, device, world_size, args);
+  distributed(model, device, world_size); end_distributed(world_size)
   reset_peak_memory(device); peak_memory(device)
   epoch_batches(n, batch_size, seed, epoch, rank, world_size); SeededItems; IndexedBatches (a whole
   split in global batches, DDP-split); normalised_encoder(visual); FixedHead(text_features, scale)
@@ -2040,17 +2041,27 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
-def share_run(out: Path, device, world_size: int):
+def share_run(out: Path, device, world_size: int, args):
     """Under torchrun: rank 0's run folder for every process (whatever each one's clock says) and
-    this process's GPU -> (out, device); unchanged in one process."""
+    this process's GPU -> (out, device); unchanged in one process. --evaluate runs in one process."""
     if world_size == 1:
         return out, device
+    require(not args.evaluate, "--evaluate runs in one process: use python, not torchrun")
     import torch.distributed as dist
     box = [out]
     dist.broadcast_object_list(box, src=0)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return box[0], device
+
+
+def distributed(model, device, world_size: int):
+    """Under torchrun: the model wrapped in DistributedDataParallel (gradients averaged over the
+    processes in backward); the model itself in one process."""
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def end_distributed(world_size: int) -> None:

@@ -34,7 +34,7 @@ Differs from the official code (BeierZhu/ProReg, a ViLT/Lightning scaffold aroun
 - one seeded permutation per epoch, split evenly over processes and accumulation steps; the last
   incomplete batch is dropped (the official loader keeps it). --seed 1 (official: 0).
 - the world: batch 32 (576 training images), not augmented, its tiny CLIP's patch dropout off.
-  linear_probe: see SETTINGS (the official config does not run).
+  linear_probe: its config's lr on the head (the official forward has no such branch).
 """
 import argparse
 import contextlib
@@ -220,9 +220,7 @@ PAPER = dict(epochs=10, batch_size=256, lr=1e-5, head_lr_mult=100.0, weight_deca
 SETTINGS = {
     "shapes": dict(batch_size=32, model=None, pretrained=None),  # the world's tiny CLIP, 576 images
     "imagenet_lt": dict(lr=1e-4, head_lr_mult=10.0),  # task_finetune_imagenetLT (alpha: no config)
-    # config/nico_animal/linear_probe: lr 2e-3, here on the head alone (the official code has no
-    # linear_probe branch in its forward, and would multiply a head's lr by lr_mult 100)
-    "linear_probe": dict(lr=2e-3, head_lr_mult=1.0),
+    "linear_probe": dict(lr=2e-3, head_lr_mult=1.0),  # its config's lr, on the head alone
 }  # BAR's and NICO's configs (alpha 1; 2 / 1.5, ...): README (their data are not read here)
 
 
@@ -262,8 +260,7 @@ def resolve_settings(args):
     for key, value in settings.items():
         if getattr(args, key) is None and not (given and key == "pretrained"):
             setattr(args, key, value)
-    if args.method == "zeroshot":
-        args.epochs = 0  # nothing is trained: the initial model is zero-shot CLIP
+    args.epochs = 0 if args.method == "zeroshot" else args.epochs  # zeroshot: the initial model
     data.resolve_run_args(args)
     check_settings(args)
     return args
@@ -296,11 +293,9 @@ def main(args):
     rank, world_size = data.setup_distributed()
     tag = "proreg" if args.method == "proreg" else f"proreg-{args.method}"
     args, saved, out, device = data.start_run(args, tag, resolve_settings, check_settings)
-    data.require(world_size == 1 or not args.evaluate, "--evaluate runs in one process: use python")
-    out, device = data.share_run(out, device, world_size)
+    out, device = data.share_run(out, device, world_size, args)
     if rank == 0:
-        data.print_start(args, f"proreg --method {args.method}", device, out, processes=world_size,
-                         parts=args.grad_accum)
+        data.print_start(args, f"proreg --method {args.method}", device, out, processes=world_size)
     data.seed_everything(args.seed)  # sampling, shuffling, augmentation, a random-init backbone
 
     # the head's start and the teacher's classes (prompt features); every test set's frozen features
@@ -374,8 +369,7 @@ def fine_tune(model, optimizer, train_set, task, saved, out, args, device, rank,
     best = (saved["extra"] or {}).get("best") if saved else None
     val = data.validation_loader(task, args) if args.select == "val" and rank == 0 else None
     model.visual.set_grad_checkpointing(args.checkpointing)
-    net = model if world_size == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = data.distributed(model, device, world_size)  # DDP: the processes' gradients averaged
     step_fn = functools.partial(train_step, args=args, use_kernel=use_kernel)
     step = functools.partial(step_fn, net, optimizer)
     if kernels and device.type == "cuda" and not args.eager and world_size == args.grad_accum == 1:
@@ -478,9 +472,8 @@ def evaluate_run(model, frozen, splits, task, args, device, **more) -> dict:
         rows["zero-shot CLIP"][split] = data.evaluate(zero_shot, zs)["acc"]
         output_ensemble = OutputEnsemble(fine_tuned, zero_shot, args.ensemble_alpha)
         rows[ensemble][split] = data.evaluate(output_ensemble, both)["acc"]
-    ours = ensemble if args.method == "ensemble" else trained
-    return data.result_record(args.method, args, task, rows, ours, splits, test_loss,
-                              ensemble=rows[ensemble], **more)
+    return data.result_record(args.method, args, task, rows, ensemble if args.method == "ensemble"
+                              else trained, splits, test_loss, ensemble=rows[ensemble], **more)
 
 
 if __name__ == "__main__":
