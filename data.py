@@ -2559,8 +2559,54 @@ def predict(args, load_classifier: Callable) -> torch.Tensor:
     return probs
 
 
+def read_log(run_dir, key: str) -> list:
+    """[(epoch, value)] of `key` in a run's log.jsonl ('loss', 'acc', 'lr', or a term as 'terms.ce')."""
+    path = Path(run_dir) / "log.jsonl"
+    require(path.is_file(), f"{run_dir}: no log.jsonl (a run folder of a method file holds one, a line per epoch)")
+    points = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        value = record
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        require(value is not None, f"{path}: epoch {record.get('epoch')} has no {key!r}; it has "
+                f"{', '.join([*record, *('terms.' + t for t in record.get('terms', {}))])}")
+        points.append((record["epoch"], float(value)))
+    return points
+
+
+def plot_logs(run_dirs, key: str = "loss", width: int = 640, height: int = 360) -> str:
+    """An SVG line plot (no plotting library needed) of `key` per epoch, one line per run folder."""
+    curves = {str(run): read_log(run, key) for run in run_dirs}
+    xs = [x for c in curves.values() for x, _ in c]
+    ys = [y for c in curves.values() for _, y in c]
+    (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
+    left, right, top, bottom = 60, width - 170, 20, height - 40
+
+    def at(x, y):  # data -> pixels (y grows downwards)
+        u = left + (x - x0) / ((x1 - x0) or 1) * (right - left)
+        return f"{u:.1f},{bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top):.1f}"
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="black"/>',
+           f'<text x="{left - 5}" y="{top + 4}" text-anchor="end">{y1:.4g}</text>',
+           f'<text x="{left - 5}" y="{bottom}" text-anchor="end">{y0:.4g}</text>',
+           f'<text x="{left}" y="{bottom + 16}" text-anchor="middle">{x0}</text>',
+           f'<text x="{right}" y="{bottom + 16}" text-anchor="middle">{x1}</text>',
+           f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">epoch</text>',
+           f'<text x="{left - 5}" y="{(top + bottom) / 2}" text-anchor="end">{key}</text>']
+    for i, (name, curve) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        points = " ".join(at(x, y) for x, y in curve)
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        label = name.rstrip("/").split("/")[-1].replace("&", "&amp;").replace("<", "&lt;")
+        out.append(f'<text x="{right + 10}" y="{top + 16 * i + 4}" fill="{colour}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
 # ==================================================================================================
-# The command line: python data.py table [RUNS_DIR]
+# The command line: python data.py table [RUNS_DIR]; plot RUN_DIR...
 # ==================================================================================================
 
 def _cmd_table(argv) -> None:
@@ -2577,7 +2623,17 @@ def _cmd_table(argv) -> None:
     print(results_table(records))
 
 
-COMMANDS = {"table": _cmd_table}  # `python data.py <command> ...`
+def _cmd_plot(argv) -> None:
+    parser = argparse.ArgumentParser(prog="data.py plot", description="an epoch curve of run folders, as SVG")
+    parser.add_argument("run_dirs", nargs="+", help="run folders (each holds log.jsonl)")
+    parser.add_argument("--key", default="loss", help="loss, acc, lr or a term of the loss, e.g. terms.ce")
+    parser.add_argument("--out", default="curves.svg", help="the SVG file to write (default curves.svg)")
+    args = parser.parse_args(argv)
+    atomic_write_text(plot_logs(args.run_dirs, args.key), args.out)
+    print(f"wrote {args.out}")
+
+
+COMMANDS = {"table": _cmd_table, "plot": _cmd_plot}  # `python data.py <command> ...`
 
 
 def main(argv=None) -> None:

@@ -525,3 +525,24 @@ def test_stanford_cars_devkit_mat_files(tmp_path):
     assert bench.classnames == ["2000 AM General Hummer SUV", "2012 Acura RL Sedan"]
     assert (len(bench.train), len(bench.val), len(bench.test)) == (8, 2, 4)
     assert bench.test[1] == (str(ds / "cars_test" / "00001.jpg"), 1, "2012 Acura RL Sedan")
+
+
+def test_plot_draws_each_runs_epochs_from_its_log_and_names_what_is_missing(tmp_path):
+    import xml.etree.ElementTree as ET
+    logs = {"a": [2.0, 1.0, 0.5], "b": [1.5, 1.5, 1.0]}
+    for name, losses in logs.items():
+        (tmp_path / name).mkdir()
+        data.atomic_write_text("".join(json.dumps({"epoch": e + 1, "loss": v, "terms": {"ce": v / 2}}) + "\n"
+                                       for e, v in enumerate(losses)), tmp_path / name / "log.jsonl")
+    svg = ET.fromstring(data.plot_logs([tmp_path / "a", tmp_path / "b"]))
+    lines = [p for p in svg.iter("{http://www.w3.org/2000/svg}polyline")][1:]  # the first: the axes
+    points = [[tuple(map(float, xy.split(","))) for xy in p.get("points").split()] for p in lines]
+    assert [len(p) for p in points] == [3, 3]
+    (a1, a2, a3), (b1, b2, b3) = points
+    assert a1[1] < b1[1] < a2[1] < a3[1] and b1[1] == b2[1] and a3[1] == max(y for p in points for _, y in p)
+    assert a1[0] == b1[0] < a2[0] == b2[0] < a3[0] == b3[0]  # the same epochs, left to right
+    assert data.read_log(tmp_path / "a", "terms.ce") == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    with pytest.raises(data.UsageError, match="no log.jsonl"):
+        data.read_log(tmp_path, "loss")
+    with pytest.raises(data.UsageError, match="has no 'terms.kl'; it has epoch, loss, terms, terms.ce"):
+        data.read_log(tmp_path / "a", "terms.kl")
