@@ -255,6 +255,9 @@ def _atomic_write(path, write: Callable) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0o022)
+        os.umask(umask)  # (read it back: there is no other way to read the mask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's file is private (0600): give it open()'s mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -347,3 +347,12 @@ def test_table_default_folder_is_runs(tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning, match=r"notes.jsonl:1: not a result record \(no method, dataset"):
         data.main(["table"])
     assert "| coop | dtd | ViT-B-16/openai | 16 | 1 | 80.00 ± 0.00 |" in capsys.readouterr().out
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    old = os.umask(0o027)
+    try:
+        data.atomic_write_text("x", tmp_path / "a.txt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640  # 0o666 & ~umask, not mkstemp's 0o600
