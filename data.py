@@ -106,7 +106,7 @@ Prediction (section 9): load_run(run_dir, device) -> Run(folder, args, learned, 
 
 Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD,
 DATASETS (the registry of real datasets), make_transform(backbone, train), read_results(dir),
-results_table(records), TRAIN_MEMORY_LIMIT (train_batches' default, bytes), CROP_SCALE/CROP_RATIO
+results_table(records), log_curve(run_dir, key), plot_logs(run_dirs, key) (`python data.py plot`), TRAIN_MEMORY_LIMIT (train_batches' default, bytes), CROP_SCALE/CROP_RATIO
 (the training crop's ranges).
 """
 from __future__ import annotations
@@ -2562,17 +2562,16 @@ def predict(args, load_classifier: Callable) -> torch.Tensor:
     return probs
 
 
-def read_log(run_dir, key: str) -> list:
+def log_curve(run_dir, key: str) -> list:
     """[(epoch, value)] of `key` in a run's log.jsonl ('loss', 'acc', 'lr', or a term as 'terms.ce')."""
-    path = Path(run_dir) / "log.jsonl"
-    require(path.is_file(), f"{run_dir}: no log.jsonl (a run folder of a method file holds one, a line per epoch)")
+    epochs = read_log(run_dir)
+    require(epochs, f"{run_dir}: no log.jsonl (a run folder of a method file holds one, a line per epoch)")
     points = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in epochs:
         value = record
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        require(value is not None, f"{path}: epoch {record.get('epoch')} has no {key!r}; it has "
+        require(value is not None, f"{run_dir}/log.jsonl: epoch {record.get('epoch')} has no {key!r}; it has "
                 f"{', '.join([*record, *('terms.' + t for t in record.get('terms', {}))])}")
         points.append((record["epoch"], float(value)))
     return points
@@ -2580,7 +2579,7 @@ def read_log(run_dir, key: str) -> list:
 
 def plot_logs(run_dirs, key: str = "loss", width: int = 640, height: int = 360) -> str:
     """An SVG line plot (no plotting library needed) of `key` per epoch, one line per run folder."""
-    curves = {str(run): read_log(run, key) for run in run_dirs}
+    curves = {str(run): log_curve(run, key) for run in run_dirs}
     xs = [x for c in curves.values() for x, _ in c]
     ys = [y for c in curves.values() for _, y in c]
     (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))

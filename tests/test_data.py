@@ -541,8 +541,8 @@ def test_plot_draws_each_runs_epochs_from_its_log_and_names_what_is_missing(tmp_
     (a1, a2, a3), (b1, b2, b3) = points
     assert a1[1] < b1[1] < a2[1] < a3[1] and b1[1] == b2[1] and a3[1] == max(y for p in points for _, y in p)
     assert a1[0] == b1[0] < a2[0] == b2[0] < a3[0] == b3[0]  # the same epochs, left to right
-    assert data.read_log(tmp_path / "a", "terms.ce") == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert data.log_curve(tmp_path / "a", "terms.ce") == [(1, 1.0), (2, 0.5), (3, 0.25)]
     with pytest.raises(data.UsageError, match="no log.jsonl"):
-        data.read_log(tmp_path, "loss")
+        data.log_curve(tmp_path, "loss")
     with pytest.raises(data.UsageError, match="has no 'terms.kl'; it has epoch, loss, terms, terms.ce"):
-        data.read_log(tmp_path / "a", "terms.kl")
+        data.log_curve(tmp_path / "a", "terms.kl")
