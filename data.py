@@ -106,8 +106,8 @@ Prediction (section 9): load_run(run_dir, device) -> Run(folder, args, learned, 
 
 Also public: CUSTOM_TEMPLATES[dataset], IMAGENET_TEMPLATES (OpenAI's 80), CLIP_MEAN/CLIP_STD,
 DATASETS (the registry of real datasets), make_transform(backbone, train), read_results(dir),
-results_table(records), log_curve(run_dir, key), plot_logs(run_dirs, key) (`python data.py plot`), TRAIN_MEMORY_LIMIT (train_batches' default, bytes), CROP_SCALE/CROP_RATIO
-(the training crop's ranges).
+results_table(records), log_curve(run_dir, key), plot_logs(run_dirs, key) (`python data.py plot`),
+TRAIN_MEMORY_LIMIT (train_batches' default, bytes), CROP_SCALE/CROP_RATIO (the training crop's ranges).
 """
 from __future__ import annotations
 
