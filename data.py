@@ -2430,6 +2430,52 @@ def finish_run(out: Path, record: dict, args, start_time: float) -> dict:
     return record
 
 
+# -------------------------------------------------------------------------------- epoch curves
+def log_curve(run_dir, key: str) -> list:
+    """[(epoch, value)] of `key` in a run's log.jsonl ('loss', 'acc', 'lr', or a term as 'terms.ce')."""
+    epochs = read_log(run_dir)
+    require(epochs, f"{run_dir}: no log.jsonl (a run folder of a method file holds one, a line per epoch)")
+    points = []
+    for record in epochs:
+        value = record
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        require(value is not None, f"{run_dir}/log.jsonl: epoch {record.get('epoch')} has no {key!r}; it has "
+                f"{', '.join([*record, *('terms.' + t for t in record.get('terms', {}))])}")
+        points.append((record["epoch"], float(value)))
+    return points
+
+
+def plot_logs(run_dirs, key: str = "loss", width: int = 640, height: int = 360) -> str:
+    """An SVG line plot (no plotting library needed) of `key` per epoch, one line per run folder."""
+    curves = {str(run): log_curve(run, key) for run in run_dirs}
+    xs = [x for c in curves.values() for x, _ in c]
+    ys = [y for c in curves.values() for _, y in c]
+    (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
+    left, right, top, bottom = 60, width - 170, 20, height - 40
+
+    def at(x, y):  # data -> pixels (y grows downwards)
+        u = left + (x - x0) / ((x1 - x0) or 1) * (right - left)
+        return f"{u:.1f},{bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top):.1f}"
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="black"/>',
+           f'<text x="{left - 5}" y="{top + 4}" text-anchor="end">{y1:.4g}</text>',
+           f'<text x="{left - 5}" y="{bottom}" text-anchor="end">{y0:.4g}</text>',
+           f'<text x="{left}" y="{bottom + 16}" text-anchor="middle">{x0}</text>',
+           f'<text x="{right}" y="{bottom + 16}" text-anchor="middle">{x1}</text>',
+           f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">epoch</text>',
+           f'<text x="{left - 5}" y="{(top + bottom) / 2}" text-anchor="end">{key}</text>']
+    for i, (name, curve) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        points = " ".join(at(x, y) for x, y in curve)
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        label = name.rstrip("/").split("/")[-1].replace("&", "&amp;").replace("<", "&lt;")
+        out.append(f'<text x="{right + 10}" y="{top + 16 * i + 4}" fill="{colour}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
 # ==================================================================================================
 # 9. Prediction: a finished run as a classifier (--predict RUN_DIR IMAGE..., a method's load_classifier)
 # ==================================================================================================
@@ -2560,51 +2606,6 @@ def predict(args, load_classifier: Callable) -> torch.Tensor:
         lines = [f"  {100 * p:6.2f} %  {classifier.classnames[i]}" for p, i in zip(values, indices)]
         print("\n".join([path, *lines]))
     return probs
-
-
-def log_curve(run_dir, key: str) -> list:
-    """[(epoch, value)] of `key` in a run's log.jsonl ('loss', 'acc', 'lr', or a term as 'terms.ce')."""
-    epochs = read_log(run_dir)
-    require(epochs, f"{run_dir}: no log.jsonl (a run folder of a method file holds one, a line per epoch)")
-    points = []
-    for record in epochs:
-        value = record
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        require(value is not None, f"{run_dir}/log.jsonl: epoch {record.get('epoch')} has no {key!r}; it has "
-                f"{', '.join([*record, *('terms.' + t for t in record.get('terms', {}))])}")
-        points.append((record["epoch"], float(value)))
-    return points
-
-
-def plot_logs(run_dirs, key: str = "loss", width: int = 640, height: int = 360) -> str:
-    """An SVG line plot (no plotting library needed) of `key` per epoch, one line per run folder."""
-    curves = {str(run): log_curve(run, key) for run in run_dirs}
-    xs = [x for c in curves.values() for x, _ in c]
-    ys = [y for c in curves.values() for _, y in c]
-    (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
-    left, right, top, bottom = 60, width - 170, 20, height - 40
-
-    def at(x, y):  # data -> pixels (y grows downwards)
-        u = left + (x - x0) / ((x1 - x0) or 1) * (right - left)
-        return f"{u:.1f},{bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top):.1f}"
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="black"/>',
-           f'<text x="{left - 5}" y="{top + 4}" text-anchor="end">{y1:.4g}</text>',
-           f'<text x="{left - 5}" y="{bottom}" text-anchor="end">{y0:.4g}</text>',
-           f'<text x="{left}" y="{bottom + 16}" text-anchor="middle">{x0}</text>',
-           f'<text x="{right}" y="{bottom + 16}" text-anchor="middle">{x1}</text>',
-           f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">epoch</text>',
-           f'<text x="{left - 5}" y="{(top + bottom) / 2}" text-anchor="end">{key}</text>']
-    for i, (name, curve) in enumerate(curves.items()):
-        colour = colours[i % len(colours)]
-        points = " ".join(at(x, y) for x, y in curve)
-        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        label = name.rstrip("/").split("/")[-1].replace("&", "&amp;").replace("<", "&lt;")
-        out.append(f'<text x="{right + 10}" y="{top + 16 * i + 4}" fill="{colour}">{label}</text>')
-    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 # ==================================================================================================
